@@ -1,0 +1,305 @@
+"""A private PostgreSQL cluster and Mosquitto broker in a folder, on chosen ports.
+
+Used by ``lms up`` (state folder ``.lms/``) and by the test harness (a temporary
+folder). Both servers run as child processes. Run as root, PostgreSQL is started as the
+``postgres`` user (it refuses root) and Mosquitto drops to ``mosquitto`` by itself, so
+their folders are handed to those users.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lms_core.broker import write_bootstrap
+from lms_core.topics import TopicScheme
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO_CONF = REPO / "mosquitto" / "mosquitto.conf"
+SERVICE_USER = "lms-service"
+
+
+class StackError(Exception):
+    """A one-line, user-facing reason the local stack cannot start."""
+
+
+# -- discovery -----------------------------------------------------------------------
+
+def find_mosquitto() -> str:
+    path = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if not path:
+        raise StackError("mosquitto is not installed: sudo apt-get install -y mosquitto mosquitto-clients")
+    return path
+
+
+def find_dynsec_plugin() -> str:
+    candidates = (
+        glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")
+        + glob.glob("/usr/lib/mosquitto_dynamic_security.so")
+        + glob.glob("/usr/local/lib/mosquitto_dynamic_security.so")
+        + glob.glob("/usr/local/lib/*/mosquitto_dynamic_security.so")
+    )
+    if not candidates:
+        raise StackError("mosquitto's dynamic-security plugin is missing: sudo apt-get install -y mosquitto")
+    return candidates[0]
+
+
+def find_pg_bin() -> Path:
+    """The folder of ``initdb`` and ``postgres`` (Debian keeps them off PATH)."""
+    initdb = shutil.which("initdb")
+    if initdb:
+        return Path(initdb).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda p: int(p.split("/")[-3]) if p.split("/")[-3].isdigit() else 0)
+    if not versions:
+        raise StackError("PostgreSQL is not installed: sudo apt-get install -y postgresql")
+    return Path(versions[-1]).parent
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise StackError(f"{what} exited at start ({'; '.join(tail) or 'no output'}); log: {log}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise StackError(f"{what} did not open port {port} within {timeout:.0f} s; log: {log}")
+
+
+def _unprivileged(name: str) -> pwd.struct_passwd | None:
+    """The account to run a server as when we are root, else None (run as ourselves)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise StackError(f"running as root needs a '{name}' user to run the server as "
+                         f"(the Debian package creates it)") from None
+
+
+def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
+    if user is None:
+        return
+    for root, dirs, files in os.walk(path):
+        os.chown(root, user.pw_uid, user.pw_gid)
+        for name in files:
+            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
+    # Parents must be traversable by the server's user (mkdtemp makes 0700 folders).
+    parent = path.parent
+    while parent != parent.parent:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(parent, mode | 0o001)
+        parent = parent.parent
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 30) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------
+
+@dataclass
+class Postgres:
+    """A PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port``."""
+
+    datadir: Path
+    port: int
+    password: str
+    user: str = "lms"
+    database: str = "lms"
+    extra_conf: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.datadir.parent / "postgres.log"
+
+    def initialized(self) -> bool:
+        return (self.datadir / "PG_VERSION").exists()
+
+    def init(self) -> None:
+        bindir = find_pg_bin()
+        runas = _unprivileged("postgres")
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        pwfile = self.datadir.parent / ".pgpass-init"
+        pwfile.write_text(self.password + "\n")
+        _chown_tree(self.datadir, runas)
+        if runas:
+            os.chown(pwfile, runas.pw_uid, runas.pw_gid)
+        try:
+            out = subprocess.run(
+                [str(bindir / "initdb"), "-D", str(self.datadir), "-U", self.user, "--pwfile", str(pwfile),
+                 "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8",
+                 "--locale=C", "--no-sync"],
+                capture_output=True, user=runas.pw_uid if runas else None,
+                group=runas.pw_gid if runas else None, check=False,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if out.returncode != 0:
+            msg = (out.stderr or out.stdout).decode(errors="replace").strip().splitlines()
+            raise StackError(f"initdb failed: {msg[-1] if msg else out.returncode}")
+
+    def start(self) -> None:
+        if not port_free(self.port):
+            raise StackError(f"port {self.port} (PostgreSQL) is already in use")
+        bindir = find_pg_bin()
+        runas = _unprivileged("postgres")
+        opts = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.datadir),
+            "max_connections": "100",
+            **self.extra_conf,
+        }
+        args = [str(bindir / "postgres"), "-D", str(self.datadir)]
+        for k, v in opts.items():
+            args += ["-c", f"{k}={v}"]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            user=runas.pw_uid if runas else None, group=runas.pw_gid if runas else None,
+            start_new_session=True,
+        )
+        log.close()
+        wait_port(self.port, self.proc, "PostgreSQL", self.log_path)
+        self._wait_accepting()
+
+    def _wait_accepting(self, timeout: float = 30) -> None:
+        bindir = find_pg_bin()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                               check=False)
+            if r.returncode == 0:
+                return
+            time.sleep(0.1)
+        raise StackError(f"PostgreSQL did not accept connections; log: {self.log_path}")
+
+    def create_database(self) -> None:
+        """Create the application database if it does not exist (idempotent)."""
+        env = {**os.environ, "PGPASSWORD": self.password}
+        bindir = find_pg_bin()
+        q = subprocess.run(
+            [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
+             "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
+            capture_output=True, env=env, check=False,
+        ) if (bindir / "psql").exists() else None
+        if q is not None and q.stdout.strip() == b"1":
+            return
+        r = subprocess.run(
+            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database],
+            capture_output=True, env=env, check=False,
+        )
+        if r.returncode != 0 and b"already exists" not in r.stderr:
+            raise StackError(f"createdb failed: {r.stderr.decode(errors='replace').strip()}")
+
+    def stop(self) -> None:
+        """Fast shutdown: roll back open transactions, checkpoint, exit."""
+        _stop(self.proc, signal.SIGINT)
+
+
+# -- Mosquitto -----------------------------------------------------------------------
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto broker with the project's configuration, state in ``workdir``."""
+
+    workdir: Path
+    port: int
+    service_password: str
+    topics: TopicScheme = field(default_factory=TopicScheme)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def service_url(self) -> str:
+        return f"mqtt://{SERVICE_USER}:{self.service_password}@127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir.parent / "mosquitto.log"
+
+    @property
+    def dynsec_path(self) -> Path:
+        return self.workdir / "dynamic-security.json"
+
+    def init(self) -> None:
+        """Create the folder and the dynamic-security bootstrap (service account)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.dynsec_path.exists():
+            write_bootstrap(str(self.dynsec_path), SERVICE_USER, self.service_password, self.topics)
+
+    def write_config(self) -> Path:
+        conf = self.workdir / "mosquitto.conf"
+        header = [
+            "# Generated by lms at every start; edit mosquitto/mosquitto.conf in the repository.",
+            f"listener {self.port} 127.0.0.1",
+            f"persistence_location {self.workdir}/",
+            f"plugin {find_dynsec_plugin()}",
+            f"plugin_opt_config_file {self.dynsec_path}",
+            "log_dest stdout",
+        ]
+        conf.write_text("\n".join(header) + "\n\n" + MOSQUITTO_CONF.read_text())
+        return conf
+
+    def start(self) -> None:
+        if not port_free(self.port):
+            raise StackError(f"port {self.port} (MQTT) is already in use")
+        binary = find_mosquitto()
+        conf = self.write_config()
+        # As root Mosquitto switches to the 'mosquitto' user, which must own its state.
+        _chown_tree(self.workdir, _unprivileged("mosquitto"))
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        wait_port(self.port, self.proc, "Mosquitto", self.log_path)
+
+    def stop(self) -> None:
+        """Clean stop: Mosquitto writes its persistence snapshot before exiting."""
+        _stop(self.proc, signal.SIGTERM)
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)

@@ -1,0 +1,262 @@
+"""Broker administration through Mosquitto's dynamic-security plugin.
+
+Accounts:
+
+* the platform service account (``lms-service`` by default) holds role ``lms-admin``
+  (the ``$CONTROL/dynamic-security`` API) and role ``lms-platform`` (all of
+  ``{root}/#``, shared subscriptions included). The bridge and the API use it.
+* a device ``{org}/{device}`` gets client ``{org}.{device}`` whose MQTT client id is
+  pinned to the same string, and role ``device.{org}.{device}`` whose ACL allows exactly
+  its own topics (DESIGN.md). '.' cannot occur in a slug, so names never collide.
+
+The database is the source of truth; :func:`lms_core.provisioning.reconcile` brings the
+broker in line with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from lms_core.errors import BrokerError
+from lms_core.mqtt import AsyncMqttClient
+from lms_core.settings import MqttUrl
+from lms_core.topics import TopicScheme
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
+ADMIN_ROLE = "lms-admin"
+PLATFORM_ROLE = "lms-platform"
+DEVICE_ROLE_PREFIX = "device."
+
+
+def device_username(org: str, device: str) -> str:
+    return f"{org}.{device}"
+
+
+def device_rolename(org: str, device: str) -> str:
+    return f"{DEVICE_ROLE_PREFIX}{org}.{device}"
+
+
+def is_device_username(username: str) -> bool:
+    return username.count(".") == 1 and not username.startswith(".") and not username.endswith(".")
+
+
+def device_acls(topics: TopicScheme, org: str, device: str) -> list[dict[str, Any]]:
+    """The ACL of one device: publish its own device->cloud topics, subscribe its own
+    commands and config, nothing else (the default ACL denies the rest)."""
+    acls: list[dict[str, Any]] = []
+    for topic in topics.device_publish_topics(org, device):
+        acls.append({"acltype": "publishClientSend", "topic": topic, "priority": 0, "allow": True})
+    for topic in topics.device_subscribe_filters(org, device):
+        acls.append({"acltype": "subscribePattern", "topic": topic, "priority": 0, "allow": True})
+    return acls
+
+
+def platform_acls(topics: TopicScheme) -> list[dict[str, Any]]:
+    everything = f"{topics.root}/#"
+    return [
+        {"acltype": t, "topic": everything, "priority": 0, "allow": True}
+        for t in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")
+    ]
+
+
+def _hash_password(password: str, iterations: int = 101) -> dict[str, Any]:
+    # The plugin's own format (PBKDF2-SHA512, base64 salt and hash). 101 iterations is
+    # what the broker itself uses for clients created through the API; every password
+    # the platform issues is 32 random characters, so the count adds nothing to them.
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": iterations,
+    }
+
+
+def bootstrap_config(service_user: str, service_password: str, topics: TopicScheme) -> dict[str, Any]:
+    """The first ``dynamic-security.json``: the service account and its two roles.
+
+    The default ACL access denies publishing and subscribing to anything not granted by a
+    role; receiving is allowed so that a role's subscriptions are the only gate.
+    """
+    return {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": True,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": [
+            {
+                "username": service_user,
+                "textname": "LMS platform service account",
+                "roles": [{"rolename": ADMIN_ROLE}, {"rolename": PLATFORM_ROLE}],
+                **_hash_password(service_password),
+            }
+        ],
+        "groups": [],
+        "roles": [
+            {
+                "rolename": ADMIN_ROLE,
+                "textname": "dynamic-security administration",
+                "acls": [
+                    {"acltype": t, "topic": "$CONTROL/dynamic-security/#", "priority": 0, "allow": True}
+                    for t in ("publishClientSend", "publishClientReceive", "subscribePattern")
+                ]
+                + [
+                    {"acltype": t, "topic": "$SYS/#", "priority": 0, "allow": True}
+                    for t in ("publishClientReceive", "subscribePattern")
+                ],
+            },
+            {
+                "rolename": PLATFORM_ROLE,
+                "textname": "bridge and API: all platform topics",
+                "acls": platform_acls(topics),
+            },
+        ],
+    }
+
+
+def write_bootstrap(path: str, service_user: str, service_password: str, topics: TopicScheme) -> None:
+    """Write the bootstrap file with mode 0600 (it holds the service account's hash)."""
+    data = json.dumps(bootstrap_config(service_user, service_password, topics), indent=2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerClient:
+    username: str
+    disabled: bool
+    roles: tuple[str, ...]
+    clientid: str | None
+
+
+class DynsecError(BrokerError):
+    """The plugin answered a command with an error."""
+
+    def __init__(self, command: str, error: str) -> None:
+        super().__init__(f"broker refused {command}: {error}")
+        self.command = command
+        self.error = error
+
+
+class BrokerAdmin:
+    """Request/response client of the dynamic-security API. Use ``async with``."""
+
+    def __init__(self, url: MqttUrl, topics: TopicScheme, *, client_id: str = "") -> None:
+        self.topics = topics
+        self._mqtt = AsyncMqttClient(url, client_id=client_id, on_message=self._on_message,
+                                     name="broker-admin")
+        self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> BrokerAdmin:
+        await self._mqtt.__aenter__()
+        try:
+            await self._mqtt.subscribe([RESPONSE_TOPIC])
+        except BaseException:
+            await self._mqtt.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._mqtt.close()
+
+    def _on_message(self, msg: Any) -> None:
+        try:
+            body = json.loads(msg.payload)
+            responses = body["responses"]
+        except (ValueError, KeyError, TypeError):
+            return
+        for resp in responses:
+            fut = self._waiters.pop(str(resp.get("correlationData", "")), None)
+            if fut is not None and not fut.done():
+                fut.set_result(resp)
+
+    async def execute(self, commands: list[dict[str, Any]], *, timeout: float = 10,
+                      ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """Send commands in one message; return responses; raise on the first error not
+        whose text contains one of ``ignore``."""
+        if not commands:
+            return []
+        loop = asyncio.get_running_loop()
+        futures = []
+        for cmd in commands:
+            cid = f"c{next(self._ids)}"
+            cmd = {**cmd, "correlationData": cid}
+            fut = loop.create_future()
+            self._waiters[cid] = fut
+            futures.append((cmd, fut))
+        await self._mqtt.publish(CONTROL_TOPIC, json.dumps({"commands": [c for c, _ in futures]}))
+        try:
+            responses = await asyncio.wait_for(asyncio.gather(*(f for _, f in futures)), timeout)
+        except TimeoutError:
+            raise BrokerError("the broker's dynamic-security plugin did not answer") from None
+        finally:
+            for cmd, _ in futures:
+                self._waiters.pop(cmd["correlationData"], None)
+        for resp in responses:
+            err = resp.get("error")
+            if err and not any(s in err for s in ignore):
+                raise DynsecError(resp.get("command", "?"), err)
+        return list(responses)
+
+    # -- devices ---------------------------------------------------------------
+
+    def _device_create_cmds(self, org: str, device: str, password: str, enabled: bool) -> list[dict[str, Any]]:
+        user = device_username(org, device)
+        cmds: list[dict[str, Any]] = [
+            {"command": "createRole", "rolename": device_rolename(org, device),
+             "acls": device_acls(self.topics, org, device)},
+            {"command": "createClient", "username": user, "password": password, "clientid": user,
+             "textname": f"device {org}/{device}", "roles": [{"rolename": device_rolename(org, device)}]},
+        ]
+        if not enabled:
+            cmds.append({"command": "disableClient", "username": user})
+        return cmds
+
+    async def create_device(self, org: str, device: str, password: str, *, enabled: bool = True) -> None:
+        await self.execute(self._device_create_cmds(org, device, password, enabled))
+
+    async def set_device_password(self, org: str, device: str, password: str) -> None:
+        await self.execute([{"command": "setClientPassword", "username": device_username(org, device),
+                             "password": password}])
+
+    async def set_device_enabled(self, org: str, device: str, enabled: bool) -> None:
+        """Disabling also disconnects the device at once (the plugin kicks the client)."""
+        cmd = "enableClient" if enabled else "disableClient"
+        await self.execute([{"command": cmd, "username": device_username(org, device)}])
+
+    async def delete_device(self, org: str, device: str) -> None:
+        await self.execute([
+            {"command": "deleteClient", "username": device_username(org, device)},
+            {"command": "deleteRole", "rolename": device_rolename(org, device)},
+        ], ignore=("not found",))
+
+    # -- inspection --------------------------------------------------------------
+
+    async def list_clients(self) -> dict[str, BrokerClient]:
+        out: dict[str, BrokerClient] = {}
+        (resp,) = await self.execute([{"command": "listClients", "verbose": True, "count": -1}])
+        for c in resp.get("data", {}).get("clients", []):
+            out[c["username"]] = BrokerClient(
+                username=c["username"],
+                disabled=bool(c.get("disabled", False)),
+                roles=tuple(r["rolename"] for r in c.get("roles", [])),
+                clientid=c.get("clientid"),
+            )
+        return out
+
+    async def list_roles(self) -> dict[str, list[dict[str, Any]]]:
+        (resp,) = await self.execute([{"command": "listRoles", "verbose": True, "count": -1}])
+        return {r["rolename"]: r.get("acls", []) for r in resp.get("data", {}).get("roles", [])}

@@ -1,0 +1,62 @@
+"""The PostgreSQL pool and the mapping of asyncpg's errors to the core's own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import asyncpg
+
+from lms_core.errors import DatabaseUnavailable
+
+#: Errors that mean "the database is not there right now"; anything else is a bug or bad data.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, CONNECTION_ERRORS):
+        return True
+    # SQLSTATE class 08 (connection exception) and 57P (operator intervention).
+    state = getattr(exc, "sqlstate", None) or ""
+    return state.startswith(("08", "57P"))
+
+
+def _describe(url: str) -> str:
+    return url.split("@")[-1] if "@" in url else url
+
+
+async def connect(url: str, *, timeout: float = 10) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=timeout)
+    except Exception as exc:
+        if is_connection_error(exc) or isinstance(exc, asyncpg.PostgresError):
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {_describe(url)}: {exc}") from None
+        raise
+
+
+@contextlib.asynccontextmanager
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 5) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool, opened and closed as a context manager."""
+    try:
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=10,
+                                         command_timeout=60)
+    except Exception as exc:
+        if is_connection_error(exc) or isinstance(exc, asyncpg.PostgresError):
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {_describe(url)}: {exc}") from None
+        raise
+    try:
+        yield pool
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(), 10)

@@ -1,0 +1,53 @@
+"""Errors of the shared core. The API and CLI translate these at their boundaries.
+
+    LmsError
+    ├── SettingsError          a setting is missing or invalid
+    ├── StorageError           the database failed (lower-level asyncpg errors mapped here)
+    │   ├── DatabaseUnavailable    cannot connect / connection lost
+    │   └── MigrationError         a migration failed or an applied file changed
+    ├── BrokerError            the broker refused or did not answer
+    │   └── BrokerUnavailable      cannot connect
+    ├── NotFound               an organization or device does not exist
+    ├── AlreadyExists          a slug is taken
+    └── InvalidInput           a slug, name or argument is malformed
+"""
+
+
+class LmsError(Exception):
+    """Base of every error the platform raises on purpose."""
+
+
+class SettingsError(LmsError):
+    pass
+
+
+class StorageError(LmsError):
+    pass
+
+
+class DatabaseUnavailable(StorageError):
+    pass
+
+
+class MigrationError(StorageError):
+    pass
+
+
+class BrokerError(LmsError):
+    pass
+
+
+class BrokerUnavailable(BrokerError):
+    pass
+
+
+class NotFound(LmsError):
+    pass
+
+
+class AlreadyExists(LmsError):
+    pass
+
+
+class InvalidInput(LmsError):
+    pass

@@ -1,0 +1,196 @@
+"""Device provisioning: database rows and broker credentials, kept in step.
+
+Device passwords are never stored. Each is ``HMAC-SHA256(secret, org/device/nonce)``
+with a random per-device nonce kept in the database, so that:
+
+* a stolen database alone reveals no password;
+* the broker's credentials can be rebuilt from the database (:func:`reconcile`) after
+  the broker's state is lost, without asking every device to be re-provisioned;
+* rotating credentials is a new nonce.
+
+Changing ``LMS_SECRET_KEY`` therefore changes every device's password the next time the
+broker is rebuilt; :func:`reconcile` only sets passwords for clients missing from the
+broker, so it does not lock devices out by itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+
+import asyncpg
+import msgspec
+
+from lms_core.broker import (
+    DEVICE_ROLE_PREFIX,
+    BrokerAdmin,
+    device_acls,
+    device_rolename,
+    device_username,
+    is_device_username,
+)
+from lms_core.errors import AlreadyExists, NotFound
+from lms_core.topics import TopicScheme, check_slug
+
+log = logging.getLogger("lms.provisioning")
+
+
+class DeviceCredentials(msgspec.Struct, frozen=True):
+    """What a device needs to connect; shown once at creation or rotation."""
+
+    username: str
+    password: str
+    client_id: str
+    topic_prefix: str
+    mqtt_url: str
+
+
+def derive_password(secret: str, org: str, device: str, nonce: str) -> str:
+    mac = hmac.new(secret.encode(), f"{org}/{device}/{nonce}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).decode()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Provisioner:
+    """Creates, rotates, disables devices in the database and the broker together."""
+
+    pool: asyncpg.Pool
+    admin: BrokerAdmin
+    topics: TopicScheme
+    secret: str
+    mqtt_url: str
+
+    def _credentials(self, org: str, device: str, nonce: str) -> DeviceCredentials:
+        user = device_username(org, device)
+        return DeviceCredentials(
+            username=user,
+            password=derive_password(self.secret, org, device, nonce),
+            client_id=user,
+            topic_prefix=self.topics.device_prefix(org, device),
+            mqtt_url=self.mqtt_url,
+        )
+
+    async def create_device(self, org: str, device: str, name: str = "") -> DeviceCredentials:
+        """Create the organization if needed, the device and its broker credentials.
+
+        The broker call runs inside the database transaction: if the broker refuses, the
+        rows are rolled back; if the commit fails afterwards, the next reconcile removes
+        the orphaned broker client.
+        """
+        check_slug(org, "organization")
+        check_slug(device, "device")
+        nonce = secrets.token_urlsafe(16)
+        async with self.pool.acquire() as conn, conn.transaction():
+            org_id = await conn.fetchval(
+                """INSERT INTO organizations (slug, name) VALUES ($1, $1)
+                   ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug RETURNING id""",
+                org,
+            )
+            device_id = await conn.fetchval(
+                """INSERT INTO devices (org_id, slug, name, credential_nonce) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (org_id, slug) DO NOTHING RETURNING id""",
+                org_id, device, name or device, nonce,
+            )
+            if device_id is None:
+                raise AlreadyExists(f"device {org}/{device} already exists")
+            creds = self._credentials(org, device, nonce)
+            # A leftover broker client of an earlier device of the same name is replaced.
+            await self.admin.delete_device(org, device)
+            await self.admin.create_device(org, device, creds.password)
+        log.info("device created", extra={"org": org, "device": device})
+        return creds
+
+    async def rotate_credentials(self, org: str, device: str) -> DeviceCredentials:
+        nonce = secrets.token_urlsafe(16)
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                """UPDATE devices d SET credential_nonce = $3, credentials_rotated_at = now(), updated_at = now()
+                   FROM organizations o WHERE o.id = d.org_id AND o.slug = $1 AND d.slug = $2
+                   RETURNING d.id""",
+                org, device, nonce,
+            )
+            if found is None:
+                raise NotFound(f"device {org}/{device} does not exist")
+            creds = self._credentials(org, device, nonce)
+            await self.admin.set_device_password(org, device, creds.password)
+        return creds
+
+    async def set_enabled(self, org: str, device: str, enabled: bool) -> None:
+        """Enable or disable a device; disabling disconnects it at once."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            found = await conn.fetchval(
+                """UPDATE devices d SET enabled = $3, updated_at = now()
+                   FROM organizations o WHERE o.id = d.org_id AND o.slug = $1 AND d.slug = $2
+                   RETURNING d.id""",
+                org, device, enabled,
+            )
+            if found is None:
+                raise NotFound(f"device {org}/{device} does not exist")
+            await self.admin.set_device_enabled(org, device, enabled)
+        log.info("device %s", "enabled" if enabled else "disabled", extra={"org": org, "device": device})
+
+    async def reconcile(self) -> dict[str, int]:
+        """Make the broker's device clients and roles match the database.
+
+        Creates what is missing, fixes ACLs and enabled state, deletes device clients and
+        roles the database does not know. Returns counts of each kind of change.
+        """
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT o.slug AS org, d.slug AS device, d.enabled, d.credential_nonce
+                   FROM devices d JOIN organizations o ON o.id = d.org_id"""
+            )
+        clients = await self.admin.list_clients()
+        roles = await self.admin.list_roles()
+        wanted_users = set()
+        wanted_roles = set()
+        cmds: list[dict[str, object]] = []
+        counts = {"created": 0, "acl_fixed": 0, "state_fixed": 0, "deleted": 0}
+        for r in rows:
+            org, dev = r["org"], r["device"]
+            user, role = device_username(org, dev), device_rolename(org, dev)
+            wanted_users.add(user)
+            wanted_roles.add(role)
+            acls = device_acls(self.topics, org, dev)
+            if role not in roles:
+                cmds.append({"command": "createRole", "rolename": role, "acls": acls})
+            elif _acl_key(roles[role]) != _acl_key(acls):
+                cmds.append({"command": "modifyRole", "rolename": role, "acls": acls})
+                counts["acl_fixed"] += 1
+            client = clients.get(user)
+            if client is None:
+                password = derive_password(self.secret, org, dev, r["credential_nonce"])
+                cmds.append({"command": "createClient", "username": user, "password": password,
+                             "clientid": user, "textname": f"device {org}/{dev}",
+                             "roles": [{"rolename": role}]})
+                if not r["enabled"]:
+                    cmds.append({"command": "disableClient", "username": user})
+                counts["created"] += 1
+                continue
+            if role not in client.roles or client.clientid != user:
+                cmds.append({"command": "modifyClient", "username": user, "clientid": user,
+                             "roles": [{"rolename": role}]})
+                counts["acl_fixed"] += 1
+            if client.disabled == r["enabled"]:
+                cmds.append({"command": "enableClient" if r["enabled"] else "disableClient", "username": user})
+                counts["state_fixed"] += 1
+        for user in clients:
+            if is_device_username(user) and user not in wanted_users:
+                cmds.append({"command": "deleteClient", "username": user})
+                counts["deleted"] += 1
+        for role in roles:
+            if role.startswith(DEVICE_ROLE_PREFIX) and role not in wanted_roles:
+                cmds.append({"command": "deleteRole", "rolename": role})
+        # The plugin rewrites its whole file after each command message; chunks keep one
+        # message from growing without bound for a large fleet.
+        for i in range(0, len(cmds), 200):
+            await self.admin.execute(cmds[i : i + 200])
+        return counts
+
+
+def _acl_key(acls: list[dict[str, object]]) -> set[tuple[object, object, object]]:
+    return {(a.get("acltype"), a.get("topic"), bool(a.get("allow"))) for a in acls}

@@ -1,0 +1,181 @@
+"""Typed settings, read once from ``LMS_*`` environment variables and passed in.
+
+Each field names its variable and default. ``Settings.from_env()`` validates every value
+and raises :class:`~lms_core.errors.SettingsError` with a one-line message naming the
+variable, so a typo never surfaces as a traceback deep inside a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lms_core.errors import SettingsError
+
+#: The secret shipped for local development. Production mode refuses it.
+DEV_SECRET = "dev-insecure-secret-change-me"
+
+
+@dataclass(frozen=True, slots=True)
+class MqttUrl:
+    """A parsed ``mqtt://user:password@host:port`` URL (``mqtts://`` for TLS)."""
+
+    host: str
+    port: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str, *, var: str = "LMS_MQTT_URL") -> MqttUrl:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+            raise SettingsError(f"{var}: scheme must be mqtt:// or mqtts://, got {url!r}")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError as exc:
+            raise SettingsError(f"{var}: bad port in {url!r}") from exc
+        if not parts.hostname:
+            raise SettingsError(f"{var}: missing host in {url!r}")
+        return cls(
+            host=parts.hostname,
+            port=port,
+            username=urllib.parse.unquote(parts.username) if parts.username else None,
+            password=urllib.parse.unquote(parts.password) if parts.password else None,
+            tls=parts.scheme == "mqtts",
+        )
+
+    def public(self) -> str:
+        """The URL without credentials, safe to print and to hand to devices."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a device message may be. Breaking a limit sends the message to quarantine."""
+
+    max_payload_bytes: int = 256 * 1024  # LMS_MAX_PAYLOAD_BYTES
+    max_metrics: int = 200  # LMS_MAX_METRICS: per message, or per entry of a batch
+    max_batch_entries: int = 1000  # LMS_MAX_BATCH_ENTRIES: offline-buffer flushes
+    max_depth: int = 8  # LMS_MAX_DEPTH: nesting of objects flattened with "."
+    metric_pattern: str = r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}"  # LMS_METRIC_PATTERN
+    # A device flushing its offline buffer may send readings days old; a clock years off
+    # (or seconds sent where milliseconds were meant) is refused, not stored in 1970.
+    max_past_s: int = 30 * 86400  # LMS_MAX_PAST_SECONDS
+    max_future_s: int = 300  # LMS_MAX_FUTURE_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSettings:
+    client_id: str = "lms-bridge-1"  # LMS_BRIDGE_CLIENT_ID: stable, one per bridge process
+    group: str = "lms-bridge"  # LMS_BRIDGE_GROUP: shared-subscription group
+    # Flush after this many messages or this many milliseconds, whichever first. 2,000
+    # messages of 3 metrics is one COPY of ~6,000 rows: large enough that per-transaction
+    # cost (~1 ms commit) is amortised, small enough to stay under the broker's in-flight
+    # window (mosquitto.conf max_inflight_messages) so the next batch fills while this one
+    # commits. 50 ms bounds the latency added to a lone message.
+    batch_size: int = 2000  # LMS_BRIDGE_BATCH_SIZE
+    flush_ms: int = 50  # LMS_BRIDGE_FLUSH_MS
+    metrics_port: int = 9101  # LMS_BRIDGE_METRICS_PORT (0 = off)
+    metrics_host: str = "127.0.0.1"  # LMS_BRIDGE_METRICS_HOST
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str  # LMS_DATABASE_URL
+    mqtt: MqttUrl  # LMS_MQTT_URL (the platform service account)
+    device_mqtt_url: str  # LMS_DEVICE_MQTT_URL: what devices are told to connect to
+    topic_root: str = "lms"  # LMS_TOPIC_ROOT
+    secret_key: str = DEV_SECRET  # LMS_SECRET_KEY
+    production: bool = False  # LMS_ENV=production
+    log_level: str = "INFO"  # LMS_LOG_LEVEL
+    limits: Limits = field(default_factory=Limits)
+    bridge: BridgeSettings = field(default_factory=BridgeSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); raise SettingsError."""
+        env = os.environ if env is None else env
+        db = env.get("LMS_DATABASE_URL", "")
+        if not db:
+            raise SettingsError("LMS_DATABASE_URL is not set (e.g. postgresql://lms@127.0.0.1/lms)")
+        if not db.startswith(("postgresql://", "postgres://")):
+            raise SettingsError("LMS_DATABASE_URL must start with postgresql://")
+        mqtt_url = env.get("LMS_MQTT_URL", "")
+        if not mqtt_url:
+            raise SettingsError("LMS_MQTT_URL is not set (e.g. mqtt://lms-service:PASSWORD@127.0.0.1:1883)")
+        mqtt = MqttUrl.parse(mqtt_url)
+        if not mqtt.username or not mqtt.password:
+            raise SettingsError("LMS_MQTT_URL must carry the platform service account's user:password")
+        production = _choice(env, "LMS_ENV", "development", ("development", "production")) == "production"
+        secret = env.get("LMS_SECRET_KEY", DEV_SECRET)
+        if production and (secret == DEV_SECRET or len(secret) < 32):
+            raise SettingsError("LMS_SECRET_KEY must be set to a random value of 32+ characters in production")
+        root = env.get("LMS_TOPIC_ROOT", "lms")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", root):
+            raise SettingsError(f"LMS_TOPIC_ROOT must match [A-Za-z0-9_-]{{1,32}}, got {root!r}")
+        device_url = env.get("LMS_DEVICE_MQTT_URL", mqtt.public())
+        MqttUrl.parse(device_url, var="LMS_DEVICE_MQTT_URL")
+        pattern = env.get("LMS_METRIC_PATTERN", Limits.metric_pattern)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SettingsError(f"LMS_METRIC_PATTERN is not a valid regular expression: {exc}") from exc
+        limits = Limits(
+            max_payload_bytes=_int(env, "LMS_MAX_PAYLOAD_BYTES", Limits.max_payload_bytes, 16, 256 * 1024 * 1024),
+            max_metrics=_int(env, "LMS_MAX_METRICS", Limits.max_metrics, 1, 100_000),
+            max_batch_entries=_int(env, "LMS_MAX_BATCH_ENTRIES", Limits.max_batch_entries, 1, 1_000_000),
+            max_depth=_int(env, "LMS_MAX_DEPTH", Limits.max_depth, 1, 64),
+            metric_pattern=pattern,
+            max_past_s=_int(env, "LMS_MAX_PAST_SECONDS", Limits.max_past_s, 1, 100 * 365 * 86400),
+            max_future_s=_int(env, "LMS_MAX_FUTURE_SECONDS", Limits.max_future_s, 0, 365 * 86400),
+        )
+        client_id = env.get("LMS_BRIDGE_CLIENT_ID", BridgeSettings.client_id)
+        group = env.get("LMS_BRIDGE_GROUP", BridgeSettings.group)
+        for var, value in (("LMS_BRIDGE_CLIENT_ID", client_id), ("LMS_BRIDGE_GROUP", group)):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+                raise SettingsError(f"{var} must match [A-Za-z0-9_.-]{{1,64}}, got {value!r}")
+        bridge = BridgeSettings(
+            client_id=client_id,
+            group=group,
+            batch_size=_int(env, "LMS_BRIDGE_BATCH_SIZE", BridgeSettings.batch_size, 1, 100_000),
+            flush_ms=_int(env, "LMS_BRIDGE_FLUSH_MS", BridgeSettings.flush_ms, 1, 60_000),
+            metrics_port=_int(env, "LMS_BRIDGE_METRICS_PORT", BridgeSettings.metrics_port, 0, 65535),
+            metrics_host=env.get("LMS_BRIDGE_METRICS_HOST", BridgeSettings.metrics_host),
+        )
+        level = _choice(env, "LMS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
+        return cls(
+            database_url=db,
+            mqtt=mqtt,
+            device_mqtt_url=device_url,
+            topic_root=root,
+            secret_key=secret,
+            production=production,
+            log_level=level,
+            limits=limits,
+            bridge=bridge,
+        )
+
+
+def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{var} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{var} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], var: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(var, default)
+    lookup = {c.lower(): c for c in choices}
+    if value.lower() not in lookup:
+        raise SettingsError(f"{var} must be one of {', '.join(choices)}, got {value!r}")
+    return lookup[value.lower()]
