@@ -109,7 +109,7 @@ def _unprivileged(name: str) -> pwd.struct_passwd | None:
 def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
     if user is None:
         return
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chown(root, user.pw_uid, user.pw_gid)
         for name in files:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
@@ -196,7 +196,7 @@ class Postgres:
         args = [str(bindir / "postgres"), "-D", str(self.datadir)]
         for k, v in opts.items():
             args += ["-c", f"{k}={v}"]
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             user=runas.pw_uid if runas else None, group=runas.pw_gid if runas else None,
@@ -290,7 +290,7 @@ class Mosquitto:
         conf = self.write_config()
         # As root Mosquitto switches to the 'mosquitto' user, which must own its state.
         _chown_tree(self.workdir, _unprivileged("mosquitto"))
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()

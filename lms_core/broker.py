@@ -61,10 +61,17 @@ def device_acls(topics: TopicScheme, org: str, device: str) -> list[dict[str, An
 
 def platform_acls(topics: TopicScheme) -> list[dict[str, Any]]:
     everything = f"{topics.root}/#"
-    return [
+    # The plugin checks a shared subscription with its "$share/<group>/" prefix.
+    shared = f"$share/+/{topics.root}/#"
+    acls = [
         {"acltype": t, "topic": everything, "priority": 0, "allow": True}
         for t in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")
     ]
+    acls += [
+        {"acltype": t, "topic": shared, "priority": 0, "allow": True}
+        for t in ("subscribePattern", "unsubscribePattern")
+    ]
+    return acls
 
 
 def _hash_password(password: str, iterations: int = 101) -> dict[str, Any]:

@@ -27,11 +27,13 @@ import msgspec
 
 from lms_core.broker import (
     DEVICE_ROLE_PREFIX,
+    PLATFORM_ROLE,
     BrokerAdmin,
     device_acls,
     device_rolename,
     device_username,
     is_device_username,
+    platform_acls,
 )
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme, check_slug
@@ -150,6 +152,11 @@ class Provisioner:
         wanted_roles = set()
         cmds: list[dict[str, object]] = []
         counts = {"created": 0, "acl_fixed": 0, "state_fixed": 0, "deleted": 0}
+        # The platform role is the bootstrap's; an upgrade may have changed what it needs.
+        want = platform_acls(self.topics)
+        if PLATFORM_ROLE in roles and _acl_key(roles[PLATFORM_ROLE]) != _acl_key(want):
+            cmds.append({"command": "modifyRole", "rolename": PLATFORM_ROLE, "acls": want})
+            counts["acl_fixed"] += 1
         for r in rows:
             org, dev = r["org"], r["device"]
             user, role = device_username(org, dev), device_rolename(org, dev)

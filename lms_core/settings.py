@@ -61,6 +61,7 @@ class Limits:
     max_metrics: int = 200  # LMS_MAX_METRICS: per message, or per entry of a batch
     max_batch_entries: int = 1000  # LMS_MAX_BATCH_ENTRIES: offline-buffer flushes
     max_depth: int = 8  # LMS_MAX_DEPTH: nesting of objects flattened with "."
+    max_text_chars: int = 1024  # LMS_MAX_TEXT_CHARS: a string metric's length
     metric_pattern: str = r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}"  # LMS_METRIC_PATTERN
     # A device flushing its offline buffer may send readings days old; a clock years off
     # (or seconds sent where milliseconds were meant) is refused, not stored in 1970.
@@ -119,32 +120,33 @@ class Settings:
             raise SettingsError(f"LMS_TOPIC_ROOT must match [A-Za-z0-9_-]{{1,32}}, got {root!r}")
         device_url = env.get("LMS_DEVICE_MQTT_URL", mqtt.public())
         MqttUrl.parse(device_url, var="LMS_DEVICE_MQTT_URL")
-        pattern = env.get("LMS_METRIC_PATTERN", Limits.metric_pattern)
+        pattern = env.get("LMS_METRIC_PATTERN", _LIMITS.metric_pattern)
         try:
             re.compile(pattern)
         except re.error as exc:
             raise SettingsError(f"LMS_METRIC_PATTERN is not a valid regular expression: {exc}") from exc
         limits = Limits(
-            max_payload_bytes=_int(env, "LMS_MAX_PAYLOAD_BYTES", Limits.max_payload_bytes, 16, 256 * 1024 * 1024),
-            max_metrics=_int(env, "LMS_MAX_METRICS", Limits.max_metrics, 1, 100_000),
-            max_batch_entries=_int(env, "LMS_MAX_BATCH_ENTRIES", Limits.max_batch_entries, 1, 1_000_000),
-            max_depth=_int(env, "LMS_MAX_DEPTH", Limits.max_depth, 1, 64),
+            max_payload_bytes=_int(env, "LMS_MAX_PAYLOAD_BYTES", _LIMITS.max_payload_bytes, 16, 256 * 1024 * 1024),
+            max_metrics=_int(env, "LMS_MAX_METRICS", _LIMITS.max_metrics, 1, 100_000),
+            max_batch_entries=_int(env, "LMS_MAX_BATCH_ENTRIES", _LIMITS.max_batch_entries, 1, 1_000_000),
+            max_depth=_int(env, "LMS_MAX_DEPTH", _LIMITS.max_depth, 1, 64),
+            max_text_chars=_int(env, "LMS_MAX_TEXT_CHARS", _LIMITS.max_text_chars, 1, 1_000_000),
             metric_pattern=pattern,
-            max_past_s=_int(env, "LMS_MAX_PAST_SECONDS", Limits.max_past_s, 1, 100 * 365 * 86400),
-            max_future_s=_int(env, "LMS_MAX_FUTURE_SECONDS", Limits.max_future_s, 0, 365 * 86400),
+            max_past_s=_int(env, "LMS_MAX_PAST_SECONDS", _LIMITS.max_past_s, 1, 100 * 365 * 86400),
+            max_future_s=_int(env, "LMS_MAX_FUTURE_SECONDS", _LIMITS.max_future_s, 0, 365 * 86400),
         )
-        client_id = env.get("LMS_BRIDGE_CLIENT_ID", BridgeSettings.client_id)
-        group = env.get("LMS_BRIDGE_GROUP", BridgeSettings.group)
+        client_id = env.get("LMS_BRIDGE_CLIENT_ID", _BRIDGE.client_id)
+        group = env.get("LMS_BRIDGE_GROUP", _BRIDGE.group)
         for var, value in (("LMS_BRIDGE_CLIENT_ID", client_id), ("LMS_BRIDGE_GROUP", group)):
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
                 raise SettingsError(f"{var} must match [A-Za-z0-9_.-]{{1,64}}, got {value!r}")
         bridge = BridgeSettings(
             client_id=client_id,
             group=group,
-            batch_size=_int(env, "LMS_BRIDGE_BATCH_SIZE", BridgeSettings.batch_size, 1, 100_000),
-            flush_ms=_int(env, "LMS_BRIDGE_FLUSH_MS", BridgeSettings.flush_ms, 1, 60_000),
-            metrics_port=_int(env, "LMS_BRIDGE_METRICS_PORT", BridgeSettings.metrics_port, 0, 65535),
-            metrics_host=env.get("LMS_BRIDGE_METRICS_HOST", BridgeSettings.metrics_host),
+            batch_size=_int(env, "LMS_BRIDGE_BATCH_SIZE", _BRIDGE.batch_size, 1, 100_000),
+            flush_ms=_int(env, "LMS_BRIDGE_FLUSH_MS", _BRIDGE.flush_ms, 1, 60_000),
+            metrics_port=_int(env, "LMS_BRIDGE_METRICS_PORT", _BRIDGE.metrics_port, 0, 65535),
+            metrics_host=env.get("LMS_BRIDGE_METRICS_HOST", _BRIDGE.metrics_host),
         )
         level = _choice(env, "LMS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
         return cls(
@@ -158,6 +160,10 @@ class Settings:
             limits=limits,
             bridge=bridge,
         )
+
+
+_LIMITS = Limits()
+_BRIDGE = BridgeSettings()
 
 
 def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:

@@ -1,0 +1,191 @@
+"""Decode and validate device payloads (DESIGN.md, "Telemetry payload").
+
+A payload either becomes rows or raises :class:`Rejected` with a reason a person can
+act on; the caller quarantines it. Nothing here touches the network or the database.
+
+Telemetry forms:
+1. flat ``{"temp": 21.5}`` - time of receipt;
+2. stamped ``{"ts": 1732550000123, "values": {...}}`` - ``ts`` in epoch ms or RFC 3339;
+3. batch ``[stamped, ...]`` - a device flushing its offline buffer.
+Numbers and booleans become ``value`` (float), strings ``text_value``; nested objects
+are flattened with ".".
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from lms_core.settings import Limits
+
+_json = msgspec.json.Decoder()
+_json_encode = msgspec.json.Encoder().encode
+
+#: A row before its device is known: (time, metric, numeric value, text value).
+Row = tuple[datetime, str, float | None, str | None]
+
+
+class Rejected(Exception):
+    """The payload breaks the contract or a limit; ``str(exc)`` is the reason."""
+
+
+class TelemetryDecoder:
+    """Turns payload bytes into rows. One instance per bridge; it caches valid names."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._name_ok = re.compile(limits.metric_pattern).fullmatch
+        self._good_names: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _parse(self, payload: bytes) -> Any:
+        if len(payload) > self.limits.max_payload_bytes:
+            raise Rejected(f"payload too large: {len(payload)} bytes > limit {self.limits.max_payload_bytes}")
+        if not payload:
+            raise Rejected("empty payload")
+        try:
+            return _json.decode(payload)
+        except msgspec.DecodeError as exc:
+            raise Rejected(f"not valid JSON: {exc}") from None
+        except RecursionError:
+            raise Rejected("JSON nested too deeply") from None
+
+    def _check_name(self, name: str) -> None:
+        if name in self._good_names:
+            return
+        if not self._name_ok(name):
+            raise Rejected(f"metric name {name[:80]!r} does not match {self.limits.metric_pattern}")
+        if len(self._good_names) < 100_000:  # bounded: names are few, garbage is not
+            self._good_names.add(name)
+
+    def timestamp(self, ts: Any, now: float) -> datetime:
+        """Epoch milliseconds or an RFC 3339 string, inside the configured window."""
+        if isinstance(ts, bool) or not isinstance(ts, int | float | str):
+            raise Rejected(f"ts must be epoch milliseconds or an RFC 3339 string, got {_short(ts)}")
+        if isinstance(ts, str):
+            try:
+                when = datetime.fromisoformat(ts)
+            except ValueError:
+                raise Rejected(f"ts {ts[:40]!r} is not an RFC 3339 timestamp") from None
+            if when.tzinfo is None:
+                raise Rejected(f"ts {ts[:40]!r} has no time zone (add Z or an offset)")
+            seconds = when.timestamp()
+        else:
+            seconds = ts / 1000.0
+        lim = self.limits
+        if not now - lim.max_past_s <= seconds <= now + lim.max_future_s:
+            hint = ""
+            if not isinstance(ts, str) and 1e9 < ts < 1e10:
+                hint = " (looks like seconds; ts is in milliseconds)"
+            raise Rejected(
+                f"ts {_short(ts)} outside the accepted window of {lim.max_past_s} s in the past "
+                f"to {lim.max_future_s} s in the future{hint}"
+            )
+        if isinstance(ts, str):
+            return when.astimezone(UTC)
+        return datetime.fromtimestamp(seconds, UTC)
+
+    def _values(self, values: Any, when: datetime, out: list[Row]) -> None:
+        if not isinstance(values, dict):
+            raise Rejected(f"values must be a JSON object, got {_short(values)}")
+        if not values:
+            raise Rejected("no metrics in message")
+        start = len(out)
+        self._flatten(values, "", 1, when, out)
+        if len(out) - start > self.limits.max_metrics:
+            raise Rejected(f"too many metrics: {len(out) - start} > limit {self.limits.max_metrics}")
+
+    def _flatten(self, obj: dict[str, Any], prefix: str, depth: int, when: datetime, out: list[Row]) -> None:
+        if depth > self.limits.max_depth:
+            raise Rejected(f"object nested deeper than {self.limits.max_depth} levels")
+        for key, v in obj.items():
+            name = prefix + key
+            tv = type(v)
+            if tv is float or tv is int:
+                self._check_name(name)
+                try:
+                    out.append((when, name, float(v), None))
+                except OverflowError:
+                    raise Rejected(f"metric {name[:80]!r}: number out of range") from None
+            elif tv is bool:
+                self._check_name(name)
+                out.append((when, name, 1.0 if v else 0.0, None))
+            elif tv is str:
+                self._check_name(name)
+                if len(v) > self.limits.max_text_chars:
+                    raise Rejected(f"metric {name[:80]!r}: text longer than {self.limits.max_text_chars} characters")
+                if "\x00" in v:
+                    raise Rejected(f"metric {name[:80]!r}: text contains a NUL character")
+                out.append((when, name, None, v))
+            elif tv is dict:
+                if not v:
+                    raise Rejected(f"metric {name[:80]!r}: empty object")
+                self._flatten(v, name + ".", depth + 1, when, out)
+            else:
+                kind = "null" if v is None else "array" if tv is list else tv.__name__
+                raise Rejected(f"metric {name[:80]!r}: {kind} is not a number, boolean, string or object")
+
+    # -- public ------------------------------------------------------------------
+
+    def telemetry(self, payload: bytes, now: float) -> list[Row]:
+        """Rows of one telemetry message received at ``now`` (epoch seconds)."""
+        doc = self._parse(payload)
+        out: list[Row] = []
+        if type(doc) is dict:
+            if "values" in doc and "ts" in doc and len(doc) == 2:
+                self._values(doc["values"], self.timestamp(doc["ts"], now), out)
+            else:
+                self._values(doc, datetime.fromtimestamp(now, UTC), out)
+        elif type(doc) is list:
+            if not doc:
+                raise Rejected("empty batch")
+            if len(doc) > self.limits.max_batch_entries:
+                raise Rejected(f"batch of {len(doc)} entries > limit {self.limits.max_batch_entries}")
+            for i, entry in enumerate(doc):
+                if type(entry) is not dict or "ts" not in entry or "values" not in entry or len(entry) != 2:
+                    raise Rejected(f"batch entry {i} is not {{\"ts\": ..., \"values\": {{...}}}}")
+                self._values(entry["values"], self.timestamp(entry["ts"], now), out)
+        else:
+            raise Rejected(f"telemetry must be a JSON object or array, got {_short(doc)}")
+        return out
+
+    def event(self, payload: bytes, now: float) -> tuple[datetime, str, str]:
+        """``(time, type, data as JSON text)`` of an ``events`` message."""
+        doc = self._parse(payload)
+        if type(doc) is not dict:
+            raise Rejected(f"event must be a JSON object, got {_short(doc)}")
+        extra = set(doc) - {"type", "ts", "data"}
+        if extra:
+            raise Rejected(f"event has unknown fields: {', '.join(sorted(extra))[:80]}")
+        etype = doc.get("type")
+        if not isinstance(etype, str) or not _EVENT_TYPE.fullmatch(etype):
+            raise Rejected(f"event type must match {_EVENT_TYPE.pattern}, got {_short(etype)}")
+        data = doc.get("data", {})
+        if type(data) is not dict:
+            raise Rejected(f"event data must be a JSON object, got {_short(data)}")
+        if b"\\u0000" in payload:
+            raise Rejected("event contains a NUL character")
+        when = self.timestamp(doc["ts"], now) if "ts" in doc else datetime.fromtimestamp(now, UTC)
+        return when, etype, _json_encode(data).decode()
+
+    @staticmethod
+    def status(payload: bytes) -> str | None:
+        """``online``/``offline``; None for an empty payload (a cleared retained message)."""
+        text = payload.strip().strip(b'"').decode("ascii", "replace").lower() if payload else ""
+        if not payload:
+            return None
+        if text not in ("online", "offline"):
+            raise Rejected(f"status must be 'online' or 'offline', got {payload[:40]!r}")
+        return text
+
+
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}")
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."

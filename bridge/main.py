@@ -1,0 +1,99 @@
+"""The bridge process: pool, broker reconcile, MQTT ingest; opened in order, closed in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from prometheus_client import start_http_server
+
+from bridge.decode import TelemetryDecoder
+from bridge.metrics import BridgeMetrics
+from bridge.store import Store
+from bridge.subscribe import Ingest
+from lms_core import db, migrations
+from lms_core.broker import BrokerAdmin
+from lms_core.errors import BrokerUnavailable, DatabaseUnavailable, LmsError, MigrationError
+from lms_core.provisioning import Provisioner
+from lms_core.settings import Settings
+from lms_core.topics import TopicScheme
+
+log = logging.getLogger("lms.bridge")
+T = TypeVar("T")
+#: Only one bridge reconciles the broker at a time.
+RECONCILE_LOCK = 0x4C4D5302
+
+
+async def _retry(what: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+    """Retry a startup step while its service is not there yet, up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    delay = 0.2
+    while True:
+        try:
+            return await fn()
+        except (DatabaseUnavailable, BrokerUnavailable) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s not ready (%s); retrying", what, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+
+async def check_schema(pool: db.asyncpg.Pool) -> None:
+    latest = migrations.load()[-1].version
+    try:
+        current = await pool.fetchval("SELECT max(version) FROM schema_migrations")
+    except db.asyncpg.UndefinedTableError:
+        current = None
+    if current is None or current < latest:
+        raise MigrationError(
+            f"the database schema is at {current or 0:04d}, the code needs {latest:04d}: run `lms migrate`"
+        )
+
+
+async def reconcile_broker(settings: Settings, pool: db.asyncpg.Pool) -> dict[str, int]:
+    topics = TopicScheme(settings.topic_root)
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", RECONCILE_LOCK)
+        try:
+            async with BrokerAdmin(settings.mqtt, topics) as admin:
+                prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
+                return await prov.reconcile()
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", RECONCILE_LOCK)
+
+
+async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float = 30) -> None:
+    """Run one bridge until ``stop`` is set; then flush, commit, acknowledge, disconnect."""
+    metrics = BridgeMetrics()
+    server = None
+    if settings.bridge.metrics_port:
+        try:
+            server, _thread = start_http_server(settings.bridge.metrics_port, settings.bridge.metrics_host,
+                                                registry=metrics.registry)
+        except OSError as exc:
+            raise LmsError(f"cannot serve metrics on port {settings.bridge.metrics_port}: {exc}") from None
+    try:
+        pool_cm = db.create_pool(settings.database_url, min_size=1, max_size=3)
+        pool = await _retry("PostgreSQL", pool_cm.__aenter__, startup_timeout)
+        try:
+            await check_schema(pool)
+            counts = await _retry("broker", lambda: reconcile_broker(settings, pool), startup_timeout)
+            log.info("broker reconciled with the database: %s", counts)
+            store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
+            ingest = Ingest(settings, store, metrics)
+            await _retry("broker", ingest.__aenter__, startup_timeout)
+            try:
+                log.info("bridge %s ingesting", settings.bridge.client_id)
+                await ingest.run(stop)
+            finally:
+                await ingest.__aexit__(None, None, None)
+        finally:
+            await pool_cm.__aexit__(None, None, None)
+    finally:
+        if server is not None:
+            server.shutdown()
+    log.info("bridge stopped")

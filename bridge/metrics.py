@@ -1,0 +1,27 @@
+"""Prometheus metrics of one bridge process, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class BridgeMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.received = Counter("lms_bridge_messages_received", "MQTT messages received", ["kind"], registry=r)
+        self.stored = Counter("lms_bridge_messages_stored", "Messages committed to the database", registry=r)
+        self.rows = Counter("lms_bridge_rows_stored", "Reading rows written (before de-duplication)",
+                            registry=r)
+        self.quarantined = Counter("lms_bridge_messages_quarantined", "Messages sent to quarantine",
+                                   ["kind"], registry=r)
+        self.batch_size = Histogram("lms_bridge_batch_messages", "Messages per committed batch", registry=r,
+                                    buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000))
+        self.flush_seconds = Histogram("lms_bridge_flush_seconds", "Time to write and commit one batch",
+                                       registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                            0.25, 0.5, 1, 2.5, 5, 10))
+        self.backlog = Gauge("lms_bridge_backlog", "Messages received but not yet committed and acknowledged",
+                             registry=r)
+        self.db_errors = Counter("lms_bridge_db_errors", "Failed batch writes (retried)", registry=r)
+        self.dedup_batches = Counter("lms_bridge_dedup_batches",
+                                     "Batches written through the de-duplicating path", registry=r)
+        self.connected = Gauge("lms_bridge_mqtt_connected", "1 while connected to the broker", registry=r)

@@ -1,0 +1,260 @@
+"""Write decoded batches to PostgreSQL: readings, events, presence, quarantine.
+
+One batch is one transaction. Readings go in by COPY straight into ``readings``; the
+unique index (device, metric, time) refuses a redelivered reading, and then - only
+then - the batch is written again through a temporary staging table with
+``INSERT ... ON CONFLICT DO NOTHING``. Redeliveries come in bursts after a reconnect,
+so the de-duplicating path stays on for a while before COPY is tried again: the common
+case pays for COPY alone, the rare case for correctness.
+
+If PostgreSQL rejects a batch for its content (it should not: the decoder checks what
+PostgreSQL would refuse), the batch is written again message by message, each in a
+savepoint, and the offending messages are quarantined with the database's reason. A
+bad message never blocks the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from bridge.decode import Rejected, TelemetryDecoder
+from bridge.metrics import BridgeMetrics
+from lms_core.db import is_connection_error
+from lms_core.topics import TopicScheme
+
+log = logging.getLogger("lms.bridge.store")
+
+#: (topic, payload, packet id, connection generation, time of receipt in epoch seconds)
+Message = tuple[str, bytes, int, int, float]
+
+READING_COLUMNS = ("time", "device_id", "metric", "value", "text_value")
+#: How long to stay on the de-duplicating path after a redelivered reading was seen.
+DEDUP_HOLD_S = 30.0
+#: last_seen_at is refreshed at most this often per device: it is for people, and each
+#: update rewrites the device's row.
+SEEN_EVERY_S = 1.0
+#: Device ids are cached; the cache is dropped this often so that a device deleted and
+#: created again under the same slug is looked up afresh.
+CACHE_TTL_S = 60.0
+
+
+@dataclass
+class Batch:
+    readings: list[tuple[datetime, int, str, float | None, str | None]] = field(default_factory=list)
+    events: list[tuple[datetime, int, str, str]] = field(default_factory=list)
+    statuses: dict[int, tuple[str, datetime]] = field(default_factory=dict)
+    seen: dict[int, float] = field(default_factory=dict)
+    quarantine: list[tuple[datetime, str, bytes, str, str | None, str | None]] = field(default_factory=list)
+    quarantined_kinds: list[str] = field(default_factory=list)
+
+
+class Store:
+    """Turns messages into a :class:`Batch` and commits it."""
+
+    def __init__(self, pool: asyncpg.Pool, decoder: TelemetryDecoder, topics: TopicScheme,
+                 metrics: BridgeMetrics) -> None:
+        self.pool = pool
+        self.decoder = decoder
+        self.root = topics.root
+        self.metrics = metrics
+        self._devices: dict[tuple[str, str], int] = {}
+        self._cache_at = time.monotonic()
+        self._seen_written: dict[int, float] = {}
+        self._dedup_until = 0.0
+
+    # -- device ids ----------------------------------------------------------------
+
+    async def _resolve(self, conn: asyncpg.Connection, messages: list[Message]) -> None:
+        if time.monotonic() - self._cache_at > CACHE_TTL_S:
+            self._devices.clear()
+            self._cache_at = time.monotonic()
+        missing: set[tuple[str, str]] = set()
+        devices = self._devices
+        for m in messages:
+            parts = m[0].split("/", 3)
+            if len(parts) == 4 and (parts[1], parts[2]) not in devices:
+                missing.add((parts[1], parts[2]))
+        if not missing:
+            return
+        orgs, devs = zip(*missing, strict=True)
+        rows = await conn.fetch(
+            """SELECT o.slug AS org, d.slug AS device, d.id FROM devices d
+               JOIN organizations o ON o.id = d.org_id
+               JOIN unnest($1::text[], $2::text[]) AS k(org, device) ON k.org = o.slug AND k.device = d.slug""",
+            list(orgs), list(devs),
+        )
+        for r in rows:
+            devices[(r["org"], r["device"])] = r["id"]
+
+    # -- decoding --------------------------------------------------------------------
+
+    def build(self, messages: list[Message]) -> Batch:
+        """Decode messages into rows. Every message lands somewhere: rows or quarantine."""
+        b = Batch()
+        readings = b.readings
+        devices = self._devices
+        decoder = self.decoder
+        root = self.root
+        for topic, payload, _mid, _gen, now in messages:
+            parts = topic.split("/", 3)
+            if len(parts) != 4 or parts[0] != root:
+                self._quarantine(b, topic, payload, now, "not a device topic", "topic", None, None)
+                continue
+            _, org, dev, kind = parts
+            dev_id = devices.get((org, dev))
+            if dev_id is None:
+                self._quarantine(b, topic, payload, now, f"unknown device {org}/{dev}", "unknown_device", org, dev)
+                continue
+            try:
+                if kind == "telemetry":
+                    for when, metric, value, text in decoder.telemetry(payload, now):
+                        readings.append((when, dev_id, metric, value, text))
+                    if now > b.seen.get(dev_id, 0.0):
+                        b.seen[dev_id] = now
+                elif kind == "status":
+                    status = decoder.status(payload)
+                    if status is not None:
+                        when = datetime.fromtimestamp(now, UTC)
+                        b.statuses[dev_id] = (status, when)
+                        b.events.append((when, dev_id, "status", f'{{"status": "{status}"}}'))
+                elif kind == "events":
+                    when, etype, data = decoder.event(payload, now)
+                    b.events.append((when, dev_id, etype, data))
+                    if now > b.seen.get(dev_id, 0.0):
+                        b.seen[dev_id] = now
+                else:
+                    raise Rejected(f"the bridge does not take messages on '{kind}'")
+            except Rejected as exc:
+                self._quarantine(b, topic, payload, now, str(exc), kind.split("/")[0], org, dev)
+        return b
+
+    @staticmethod
+    def _quarantine(b: Batch, topic: str, payload: bytes, now: float, reason: str, kind: str,
+                    org: str | None, dev: str | None) -> None:
+        b.quarantine.append((datetime.fromtimestamp(now, UTC), topic, payload, reason, org, dev))
+        b.quarantined_kinds.append(kind)
+
+    # -- writing ---------------------------------------------------------------------
+
+    async def commit(self, messages: list[Message]) -> Batch:
+        """Store ``messages`` in one transaction; raise only for connection failures
+        (the caller retries). Returns what was written."""
+        async with self.pool.acquire() as conn:
+            await self._resolve(conn, messages)
+            batch = self.build(messages)
+            try:
+                async with conn.transaction():
+                    await self._write(conn, batch)
+            except asyncpg.PostgresError as exc:
+                if is_connection_error(exc):
+                    raise
+                log.error("batch refused by the database, retrying message by message: %s", exc)
+                batch = await self._write_one_by_one(conn, messages)
+        self._after_commit(batch)
+        return batch
+
+    async def _write(self, conn: asyncpg.Connection, b: Batch, *, dedup: bool = False) -> None:
+        if b.readings:
+            if dedup or time.monotonic() < self._dedup_until:
+                await self._insert_dedup(conn, b.readings)
+            else:
+                try:
+                    async with conn.transaction():  # a savepoint: a conflict undoes only the COPY
+                        await conn.copy_records_to_table("readings", records=b.readings, columns=READING_COLUMNS)
+                except asyncpg.UniqueViolationError:
+                    log.info("redelivered readings seen; de-duplicating for %.0f s", DEDUP_HOLD_S)
+                    self._dedup_until = time.monotonic() + DEDUP_HOLD_S
+                    await self._insert_dedup(conn, b.readings)
+        if b.events:
+            t, d, ty, da = zip(*b.events, strict=True)
+            await conn.execute(
+                """INSERT INTO events (time, device_id, type, data)
+                   SELECT t, d, ty, da::jsonb FROM unnest($1::timestamptz[], $2::bigint[], $3::text[], $4::text[])
+                   AS u(t, d, ty, da) ON CONFLICT DO NOTHING""",
+                t, d, ty, da,
+            )
+        if b.quarantine:
+            await self._insert_quarantine(conn, b.quarantine)
+        if b.statuses:
+            ids = sorted(b.statuses)  # one lock order for every bridge: no deadlocks
+            await conn.execute(
+                """UPDATE devices d SET status = u.s, status_changed_at = u.t,
+                          last_seen_at = GREATEST(d.last_seen_at, u.t)
+                   FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS u(id, s, t)
+                   WHERE d.id = u.id AND (d.status_changed_at IS NULL OR d.status_changed_at <= u.t)""",
+                ids, [b.statuses[i][0] for i in ids], [b.statuses[i][1] for i in ids],
+            )
+        if b.seen:
+            written = self._seen_written
+            due = sorted(i for i, t in b.seen.items() if t - written.get(i, 0.0) >= SEEN_EVERY_S)
+            if due:
+                await conn.execute(
+                    """UPDATE devices d SET last_seen_at = u.t
+                       FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, t)
+                       WHERE d.id = u.id AND (d.last_seen_at IS NULL OR d.last_seen_at < u.t)""",
+                    due, [datetime.fromtimestamp(b.seen[i], UTC) for i in due],
+                )
+
+    async def _insert_dedup(self, conn: asyncpg.Connection, readings: list[Any]) -> None:
+        self.metrics.dedup_batches.inc()
+        await conn.execute(
+            """CREATE TEMP TABLE IF NOT EXISTS readings_stage
+               (time timestamptz, device_id bigint, metric text, value double precision, text_value text)
+               ON COMMIT DELETE ROWS"""
+        )
+        await conn.copy_records_to_table("readings_stage", records=readings, columns=READING_COLUMNS)
+        await conn.execute(
+            "INSERT INTO readings SELECT time, device_id, metric, value, text_value FROM readings_stage "
+            "ON CONFLICT DO NOTHING"
+        )
+        await conn.execute("TRUNCATE readings_stage")
+
+    @staticmethod
+    async def _insert_quarantine(conn: asyncpg.Connection, rows: list[Any]) -> None:
+        cols = list(zip(*rows, strict=True))
+        await conn.execute(
+            """INSERT INTO quarantine (received_at, topic, payload, reason, org_slug, device_slug)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[])""",
+            *cols,
+        )
+
+    async def _write_one_by_one(self, conn: asyncpg.Connection, messages: list[Message]) -> Batch:
+        total = Batch()
+        async with conn.transaction():
+            for m in messages:
+                b = self.build([m])
+                try:
+                    async with conn.transaction():
+                        await self._write(conn, b, dedup=True)
+                except asyncpg.PostgresError as exc:
+                    if is_connection_error(exc):
+                        raise
+                    b = Batch()
+                    self._quarantine(b, m[0], m[1], m[4], f"refused by the database: {exc}"[:500],
+                                     "database", None, None)
+                    await self._insert_quarantine(conn, b.quarantine)
+                total.readings += b.readings
+                total.events += b.events
+                total.quarantine += b.quarantine
+                total.quarantined_kinds += b.quarantined_kinds
+                total.seen.update(b.seen)
+        return total
+
+    def _after_commit(self, b: Batch) -> None:
+        for dev_id, t in b.seen.items():
+            if t - self._seen_written.get(dev_id, 0.0) >= SEEN_EVERY_S:
+                self._seen_written[dev_id] = t
+        m = self.metrics
+        if b.readings:
+            m.rows.inc(len(b.readings))
+        for kind in b.quarantined_kinds:
+            m.quarantined.labels(kind).inc()
+        if b.quarantine:
+            log.warning("quarantined %d message(s); first: %s: %s", len(b.quarantine),
+                        b.quarantine[0][1], b.quarantine[0][3])

@@ -1,0 +1,218 @@
+"""The ``lms`` command line. Every failure a user can cause ends in one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lms_cli.localstack import StackError
+from lms_core.errors import LmsError
+
+EXIT_USAGE = 2
+
+
+def _settings(env: Mapping[str, str] | None = None) -> Any:
+    from lms_cli.stack import settings_env
+    from lms_core.settings import Settings
+
+    merged = dict(settings_env())  # the local stack's, if there is one in this folder
+    merged.update(os.environ if env is None else env)
+    return Settings.from_env(merged)
+
+
+# -- commands ------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from lms_cli.stack import LocalStack
+
+    stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port)
+    return stack.run()
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from lms_cli.stack import settings_env
+
+    env = settings_env(Path(args.state))
+    if not env:
+        raise StackError(f"no local stack in {args.state}: run `lms up` first")
+    for key, value in env.items():
+        print(f"export {key}='{value}'")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from lms_core import db, migrations
+
+    settings = _settings()
+
+    async def main() -> list[Any]:
+        conn = await db.connect(settings.database_url)
+        try:
+            return await migrations.migrate(conn, progress=lambda m: print(m, flush=True))
+        finally:
+            await conn.close()
+
+    done = asyncio.run(main())
+    print(f"{len(done)} migration(s) applied; schema is up to date")
+    return 0
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from bridge.main import run
+    from lms_core import logs
+
+    settings = _settings()
+    logs.setup(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run(settings, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def _provisioner_call(fn_name: str, *fn_args: Any) -> Any:
+    from lms_core import db
+    from lms_core.broker import BrokerAdmin
+    from lms_core.provisioning import Provisioner
+    from lms_core.topics import TopicScheme
+
+    settings = _settings()
+    topics = TopicScheme(settings.topic_root)
+
+    async def main() -> Any:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool, \
+                BrokerAdmin(settings.mqtt, topics) as admin:
+            prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
+            return await getattr(prov, fn_name)(*fn_args)
+
+    return asyncio.run(main())
+
+
+def _print_credentials(creds: Any, as_json: bool, verb: str) -> None:
+    import msgspec
+
+    if as_json:
+        print(msgspec.json.encode(creds).decode())
+        return
+    u = creds
+    host_port = u.mqtt_url.split("://", 1)[1]
+    host, port = host_port.rsplit(":", 1)
+    print(f"device {u.topic_prefix.split('/', 1)[1]} {verb}; the password is shown only now\n"
+          f"  mqtt url:     {u.mqtt_url}\n  username:     {u.username}\n  password:     {u.password}\n"
+          f"  client id:    {u.client_id}\n  topic prefix: {u.topic_prefix}\n\n"
+          f"  mosquitto_pub -h {host} -p {port} -u '{u.username}' -P '{u.password}' -i '{u.client_id}' -q 1 \\\n"
+          f"    -t '{u.topic_prefix}/telemetry' -m '{{\"temp\": 21.5}}'")
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        creds = _provisioner_call("create_device", args.org, args.device, args.name or "")
+        _print_credentials(creds, args.json, "created")
+    elif args.action == "rotate":
+        creds = _provisioner_call("rotate_credentials", args.org, args.device)
+        _print_credentials(creds, args.json, "has new credentials")
+    else:
+        enabled = args.action == "enable"
+        _provisioner_call("set_enabled", args.org, args.device, enabled)
+        print(f"device {args.org}/{args.device} {'enabled' if enabled else 'disabled and disconnected'}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from bridge.main import reconcile_broker
+    from lms_core import db
+
+    settings = _settings()
+
+    async def main() -> dict[str, int]:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
+            return await reconcile_broker(settings, pool)
+
+    print(json.dumps(asyncio.run(main())))
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------
+
+def _slug(value: str) -> str:
+    from lms_core.topics import check_slug
+
+    try:
+        return check_slug(value)
+    except LmsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, got {port}")
+    return port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lms", description="LMS Core: MQTT-native IoT platform")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    state_default = os.environ.get("LMS_STATE_DIR", ".lms")
+
+    up = sub.add_parser("up", help="start the whole local stack (Mosquitto, PostgreSQL, bridge)")
+    up.add_argument("--state", default=state_default, help="state folder (default: .lms)")
+    up.add_argument("--mqtt-port", type=_port, help="MQTT port (default 1883, or a free one on first start)")
+    up.add_argument("--pg-port", type=_port, help="PostgreSQL port (default 5432, or a free one on first start)")
+    up.set_defaults(fn=cmd_up)
+
+    env = sub.add_parser("env", help="print the running local stack's settings as shell exports")
+    env.add_argument("--state", default=state_default)
+    env.set_defaults(fn=cmd_env)
+
+    sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
+    sub.add_parser("bridge", help="run one bridge process (LMS_DATABASE_URL, LMS_MQTT_URL)").set_defaults(
+        fn=cmd_bridge)
+    sub.add_parser("reconcile", help="bring the broker's credentials in line with the database").set_defaults(
+        fn=cmd_reconcile)
+
+    dev = sub.add_parser("device", help="provision and manage devices")
+    dsub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("create", "create a device and its MQTT credentials"),
+                         ("rotate", "issue new MQTT credentials (the old password stops working)"),
+                         ("disable", "disable a device and disconnect it"),
+                         ("enable", "enable a disabled device")):
+        a = dsub.add_parser(action, help=text)
+        a.add_argument("org", type=_slug, help="organization slug (created if needed)")
+        a.add_argument("device", type=_slug, help="device slug")
+        if action in ("create", "rotate"):
+            a.add_argument("--json", action="store_true", help="print the credentials as JSON")
+        if action == "create":
+            a.add_argument("--name", help="display name")
+        a.set_defaults(fn=cmd_device)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (LmsError, StackError) as exc:
+        print(f"lms: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

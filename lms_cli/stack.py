@@ -1,0 +1,226 @@
+"""``lms up``: the whole local stack from nothing, supervised, stopped cleanly on Ctrl-C.
+
+State folder (``.lms/`` by default)::
+
+    stack.json       ports, generated passwords and secret (mode 0600)
+    postgres/        the PostgreSQL cluster          postgres.log
+    mosquitto/       broker persistence and dynsec   mosquitto.log
+    bridge.log       the bridge's JSON log
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lms_cli.localstack import (
+    Mosquitto,
+    Postgres,
+    StackError,
+    find_dynsec_plugin,
+    find_mosquitto,
+    find_pg_bin,
+    free_port,
+    new_password,
+    port_free,
+)
+from lms_core import db, migrations
+
+STATE_FILE = "stack.json"
+
+
+def _load_state(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StackError(f"{path} is unreadable ({exc}); remove the folder to start afresh") from None
+    return data if isinstance(data, dict) else None
+
+
+def settings_env(state_dir: Path | None = None) -> dict[str, str]:
+    """The ``LMS_*`` settings of the local stack in ``state_dir`` ({} if there is none)."""
+    state_dir = state_dir or Path(os.environ.get("LMS_STATE_DIR", ".lms"))
+    state = _load_state(state_dir)
+    if not state:
+        return {}
+    return {
+        "LMS_DATABASE_URL": f"postgresql://lms:{state['pg_password']}@127.0.0.1:{state['pg_port']}/lms",
+        "LMS_MQTT_URL": f"mqtt://lms-service:{state['service_password']}@127.0.0.1:{state['mqtt_port']}",
+        "LMS_DEVICE_MQTT_URL": f"mqtt://127.0.0.1:{state['mqtt_port']}",
+        "LMS_SECRET_KEY": state["secret_key"],
+        "LMS_BRIDGE_METRICS_PORT": str(state["bridge_metrics_port"]),
+    }
+
+
+def _pick_port(wanted: int | None, default: int, what: str) -> int:
+    if wanted is not None:
+        return wanted
+    if port_free(default):
+        return default
+    port = free_port()
+    print(f"port {default} ({what}) is in use; this stack uses {port}", flush=True)
+    return port
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+class LocalStack:
+    def __init__(self, state_dir: Path, *, mqtt_port: int | None = None, pg_port: int | None = None) -> None:
+        self.dir = state_dir.resolve()
+        self.want_mqtt, self.want_pg = mqtt_port, pg_port
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._stopping = False
+
+    # -- state -----------------------------------------------------------------------
+
+    def _prepare(self) -> dict[str, Any]:
+        find_mosquitto()
+        find_dynsec_plugin()
+        find_pg_bin()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        state = _load_state(self.dir)
+        if state is None:
+            print(f"creating a new stack in {self.dir}", flush=True)
+            state = {
+                "mqtt_port": _pick_port(self.want_mqtt, 1883, "MQTT"),
+                "pg_port": _pick_port(self.want_pg, 5432, "PostgreSQL"),
+                "bridge_metrics_port": _pick_port(None, 9101, "bridge metrics"),
+                "pg_password": new_password(),
+                "service_password": new_password(),
+                "secret_key": secrets.token_urlsafe(48),
+            }
+            fd = os.open(self.dir / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f, indent=2)
+        else:
+            print(f"reusing the stack in {self.dir}", flush=True)
+            for key, wanted in (("mqtt_port", self.want_mqtt), ("pg_port", self.want_pg)):
+                if wanted is not None and wanted != state[key]:
+                    raise StackError(f"this stack was created with {key.replace('_', ' ')} {state[key]}; "
+                                     f"drop --{key.replace('_', '-')} or use another --state folder")
+        return state
+
+    def _lock(self) -> Any:
+        lock = open(self.dir / "lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StackError(f"another `lms up` is already running on {self.dir}") from None
+        return lock
+
+    # -- run ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = self._lock()
+        state = self._prepare()
+        pg = Postgres(self.dir / "postgres", state["pg_port"], state["pg_password"])
+        mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"])
+        env = {**os.environ, **settings_env(self.dir)}
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            if not pg.initialized():
+                print("initializing PostgreSQL ...", flush=True)
+                pg.init()
+            print(f"starting PostgreSQL on 127.0.0.1:{pg.port} ...", flush=True)
+            pg.start()
+            pg.create_database()
+            self._migrate(pg.url)
+            mq.init()
+            print(f"starting Mosquitto on 127.0.0.1:{mq.port} ...", flush=True)
+            mq.start()
+            self._start_bridge(env)
+            self._banner(state)
+            self._supervise(pg, mq, env)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._stopping = True
+            print("\nstopping ...", flush=True)
+            bridge = self.children.get("bridge")
+            if bridge is not None and bridge.poll() is None:
+                bridge.send_signal(signal.SIGTERM)
+                try:
+                    bridge.wait(30)
+                except subprocess.TimeoutExpired:
+                    bridge.kill()
+            mq.stop()
+            pg.stop()
+            lock.close()
+            print("stopped", flush=True)
+        return 0
+
+    @staticmethod
+    def _migrate(url: str) -> None:
+        async def main() -> None:
+            conn = await db.connect(url)
+            try:
+                await migrations.migrate(conn, progress=lambda m: print(f"  {m}", flush=True))
+            finally:
+                await conn.close()
+
+        asyncio.run(main())
+
+    def _start_bridge(self, env: dict[str, str]) -> None:
+        log = open(self.dir / "bridge.log", "ab")
+        self.children["bridge"] = subprocess.Popen(
+            [sys.executable, "-m", "lms_cli.main", "bridge"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def _banner(self, s: dict[str, Any]) -> None:
+        lms = "./lms" if Path("lms").is_file() and os.access("lms", os.X_OK) else "lms"
+        print(f"""
+LMS Core is running (state in {self.dir})
+  MQTT broker   mqtt://127.0.0.1:{s['mqtt_port']}   (log: {self.dir}/mosquitto.log)
+  PostgreSQL    postgresql://lms@127.0.0.1:{s['pg_port']}/lms
+  bridge        metrics http://127.0.0.1:{s['bridge_metrics_port']}/metrics   (log: {self.dir}/bridge.log)
+
+Provision a device and publish as it:
+  {lms} device create acme sensor-1
+  mosquitto_pub -p {s['mqtt_port']} -u acme.sensor-1 -P PASSWORD -i acme.sensor-1 -q 1 \\
+      -t lms/acme/sensor-1/telemetry -m '{{"temp": 21.5}}'
+Watch everything (as the platform service account):
+  mosquitto_sub -p {s['mqtt_port']} -u lms-service -P '{s['service_password']}' -t 'lms/#' -v
+Settings for other shells:  eval "$({lms} env)"
+
+ready — Ctrl-C stops everything""", flush=True)
+
+    def _supervise(self, pg: Postgres, mq: Mosquitto, env: dict[str, str]) -> None:
+        restarts: dict[str, list[float]] = {}
+
+        def restart(name: str, start: Any) -> None:
+            history = [t for t in restarts.get(name, []) if time.monotonic() - t < 60]
+            if len(history) >= 5:
+                raise StackError(f"{name} keeps exiting (5 times in a minute); see its log in {self.dir}")
+            history.append(time.monotonic())
+            restarts[name] = history
+            print(f"{name} exited unexpectedly; restarting", flush=True)
+            time.sleep(min(2 ** (len(history) - 1) * 0.5, 5))
+            start()
+
+        while True:
+            time.sleep(0.5)
+            if pg.proc is not None and pg.proc.poll() is not None:
+                restart("PostgreSQL", pg.start)
+            if mq.proc is not None and mq.proc.poll() is not None:
+                restart("Mosquitto", mq.start)
+            bridge = self.children.get("bridge")
+            if bridge is not None and bridge.poll() is not None:
+                restart("bridge", lambda: self._start_bridge(env))
