@@ -1,0 +1,52 @@
+"""Session fixtures: one real PostgreSQL and one real Mosquitto, started by the tests."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import BridgeProcess, Stack
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lms-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_root: Path) -> Iterator[Stack]:
+    """The shared stack with one bridge running; tests use their own devices on it."""
+    s = Stack(tmp_root / "shared").start()
+    # A small payload limit so the "too large" case is the bridge's, not the broker's.
+    s.start_bridge("lms-bridge-shared", LMS_MAX_PAYLOAD_BYTES="4096", LMS_MAX_METRICS="20",
+                   LMS_MAX_BATCH_ENTRIES="50")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def bridge(stack: Stack) -> BridgeProcess:
+    return stack.bridges[0]
+
+
+@pytest.fixture
+def own_stack(tmp_root: Path) -> Iterator[Stack]:
+    """A stack of its own, for tests that kill or stop its parts."""
+    s = Stack(tmp_root / f"own-{next(_names)}").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh slug per test, so tests never read each other's devices."""
+    return f"t{next(_names)}"
