@@ -40,7 +40,12 @@ class Ingest:
         self.batch_size = settings.bridge.batch_size
         self.flush_s = settings.bridge.flush_ms / 1000
         group = settings.bridge.group
-        self.filters = [f"$share/{group}/{f}" for f in TopicScheme(settings.topic_root).ingest_filters()]
+        plain = TopicScheme(settings.topic_root).ingest_filters()
+        shared = [f"$share/{group}/{f}" for f in plain]
+        if settings.bridge.subscription == "shared":
+            self.filters, self.other_filters = shared, plain
+        else:
+            self.filters, self.other_filters = plain, shared
         self.buffer: list[Message] = []
         self.in_commit = 0
         self._arrived = asyncio.Event()
@@ -93,6 +98,9 @@ class Ingest:
     async def _subscribe(self) -> None:
         try:
             await self.mqtt.subscribe(self.filters, qos=1)
+            # A session switched between exclusive and shared mode keeps the other mode's
+            # subscription; without this each message would arrive twice.
+            await self.mqtt.unsubscribe(self.other_filters)
             log.info("subscribed", extra={"filters": self.filters})
         except BrokerUnavailable:
             pass  # the connection dropped; the next connection subscribes again

@@ -101,6 +101,7 @@ class AsyncMqttClient:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
+        c.on_unsubscribe = self._on_unsubscribe
         c.on_publish = self._on_publish
 
     # -- lifecycle -------------------------------------------------------------------
@@ -192,6 +193,12 @@ class AsyncMqttClient:
         if refused:
             raise BrokerError(f"broker refused subscription to {', '.join(refused)}")
         return [int(c) for c in codes]
+
+    async def unsubscribe(self, filters: list[str], timeout: float = 10) -> None:
+        result, mid = self.client.unsubscribe(filters)
+        if result != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise BrokerUnavailable(f"unsubscribe failed: {paho.error_string(result)}")
+        await self._wait(mid, timeout)
 
     def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -328,6 +335,10 @@ class AsyncMqttClient:
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
                       properties: Any) -> None:
         self._resolve(mid, [getattr(r, "value", r) for r in reasons])
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any,
+                        properties: Any) -> None:
+        self._resolve(mid, None)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:

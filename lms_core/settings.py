@@ -72,6 +72,12 @@ class Limits:
 @dataclass(frozen=True, slots=True)
 class BridgeSettings:
     client_id: str = "lms-bridge-1"  # LMS_BRIDGE_CLIENT_ID: stable, one per bridge process
+    # LMS_BRIDGE_SUBSCRIPTION: "exclusive" (one bridge) or "shared" (several bridges split
+    # the load through $share/<group>/). Mosquitto 2.0 does not restore shared
+    # subscriptions after a broker restart, so in shared mode what devices publish between
+    # the broker's restart and the bridges' resubscription has no subscriber and is dropped;
+    # an exclusive subscription is restored with the session and loses nothing. See README.
+    subscription: str = "exclusive"
     group: str = "lms-bridge"  # LMS_BRIDGE_GROUP: shared-subscription group
     # Flush after this many messages or this many milliseconds, whichever first. 2,000
     # messages of 3 metrics is one COPY of ~6,000 rows: large enough that per-transaction
@@ -142,6 +148,7 @@ class Settings:
                 raise SettingsError(f"{var} must match [A-Za-z0-9_.-]{{1,64}}, got {value!r}")
         bridge = BridgeSettings(
             client_id=client_id,
+            subscription=_choice(env, "LMS_BRIDGE_SUBSCRIPTION", _BRIDGE.subscription, ("exclusive", "shared")),
             group=group,
             batch_size=_int(env, "LMS_BRIDGE_BATCH_SIZE", _BRIDGE.batch_size, 1, 100_000),
             flush_ms=_int(env, "LMS_BRIDGE_FLUSH_MS", _BRIDGE.flush_ms, 1, 60_000),
