@@ -128,7 +128,14 @@ class LocalStack:
     def run(self) -> int:
         self.dir.mkdir(parents=True, exist_ok=True)
         lock = self._lock()
-        state = self._prepare()
+        try:
+            state = self._prepare()
+            self._run(state)
+        finally:
+            lock.close()
+        return 0
+
+    def _run(self, state: dict[str, Any]) -> None:
         pg = Postgres(self.dir / "postgres", state["pg_port"], state["pg_password"])
         mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"])
         env = {**os.environ, **settings_env(self.dir)}
@@ -161,9 +168,7 @@ class LocalStack:
                     bridge.kill()
             mq.stop()
             pg.stop()
-            lock.close()
             print("stopped", flush=True)
-        return 0
 
     @staticmethod
     def _migrate(url: str) -> None:

@@ -1,0 +1,231 @@
+"""The ``lms`` command line as a user runs it: real processes, real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lms_cli.localstack import free_port
+from tests.harness import REPO, Device, Stack, wait_until
+
+LMS = [sys.executable, "-m", "lms_cli.main"]
+
+
+def run_lms(*args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path = REPO,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LMS_")}
+    return subprocess.run([*LMS, *args], env={**base, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, input=input)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_device_create_prints_credentials_as_json_and_they_work(stack: Stack, unique: str) -> None:
+    r = run_lms("device", "create", unique, "sensor-1", "--json", env=stack.env())
+    assert r.returncode == 0, r.stderr
+    creds = json.loads(r.stdout)
+    assert set(creds) == {"username", "password", "client_id", "topic_prefix", "mqtt_url"}
+    assert creds["topic_prefix"] == f"lms/{unique}/sensor-1"
+    assert creds["mqtt_url"] == f"mqtt://127.0.0.1:{stack.mq.port}"
+    # mosquitto_pub, as a user would, with exactly what was printed.
+    pub = subprocess.run(["mosquitto_pub", "-p", str(stack.mq.port), "-u", creds["username"], "-P", creds["password"],
+                          "-i", creds["client_id"], "-q", "1", "-t", creds["topic_prefix"] + "/telemetry",
+                          "-m", '{"temp": 21.5}'], capture_output=True, text=True, timeout=10)
+    assert pub.returncode == 0, pub.stderr
+    wait_until(lambda: stack.scalar("SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id "
+                                    "JOIN organizations o ON o.id = d.org_id WHERE o.slug = $1", unique) == 1,
+               10, "the reading")
+
+    again = run_lms("device", "create", unique, "sensor-1", env=stack.env())
+    assert "already exists" in one_line_error(again)
+
+    r = run_lms("device", "disable", unique, "sensor-1", env=stack.env())
+    assert r.returncode == 0 and "disabled" in r.stdout
+    assert subprocess.run(["mosquitto_pub", "-p", str(stack.mq.port), "-u", creds["username"], "-P",
+                           creds["password"], "-i", creds["client_id"], "-t", creds["topic_prefix"] + "/telemetry",
+                           "-m", "{}"], capture_output=True, timeout=10).returncode != 0
+    missing = run_lms("device", "disable", unique, "nope", env=stack.env())
+    assert "does not exist" in one_line_error(missing)
+
+
+def test_rotate_stops_the_old_password(stack: Stack, unique: str) -> None:
+    old = json.loads(run_lms("device", "create", unique, "d", "--json", env=stack.env()).stdout)
+    new = json.loads(run_lms("device", "rotate", unique, "d", "--json", env=stack.env()).stdout)
+    assert new["password"] != old["password"]
+    from lms_core.provisioning import DeviceCredentials
+
+    assert Device(stack.mq.port, DeviceCredentials(**old)).connect().is_failure
+    d = Device(stack.mq.port, DeviceCredentials(**new))
+    assert d.connect().value == 0
+    d.close()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["device", "create", "Bad Org", "d"], "not a valid slug"),
+    (["device", "create", "acme", "_x"], "not a valid slug"),
+    (["up", "--mqtt-port", "99999"], "port must be 1-65535"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line_usage_errors(args: list[str], expected: str) -> None:
+    r = run_lms(*args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert expected in r.stderr
+
+
+def test_unreachable_database_and_broker_and_bad_settings_are_one_line_errors(stack: Stack, tmp_path: Path) -> None:
+    dead = free_port()
+    env = stack.env(LMS_DATABASE_URL=f"postgresql://lms:x@127.0.0.1:{dead}/lms")
+    assert "cannot connect to PostgreSQL" in one_line_error(run_lms("migrate", env=env))
+    assert "cannot connect to PostgreSQL" in one_line_error(run_lms("device", "create", "acme", "d", env=env))
+    env = stack.env(LMS_MQTT_URL=f"mqtt://lms-service:x@127.0.0.1:{dead}")
+    assert "cannot reach MQTT broker" in one_line_error(run_lms("device", "create", "acme", "d", env=env))
+    env = stack.env(LMS_MQTT_URL=f"mqtt://lms-service:wrong@127.0.0.1:{stack.mq.port}")
+    assert "refused the connection" in one_line_error(run_lms("device", "create", "acme", "d", env=env))
+    assert "LMS_BRIDGE_BATCH_SIZE must be an integer" in one_line_error(
+        run_lms("bridge", env=stack.env(LMS_BRIDGE_BATCH_SIZE="lots")))
+    assert "LMS_SECRET_KEY" in one_line_error(run_lms("bridge", env=stack.env(LMS_ENV="production",
+                                                                             LMS_SECRET_KEY="short")))
+    env = {"LMS_STATE_DIR": str(tmp_path / "none")}
+    assert "LMS_DATABASE_URL is not set" in one_line_error(run_lms("migrate", env=env))
+    assert "run `lms up` first" in one_line_error(run_lms("env", "--state", str(tmp_path / "none")))
+
+
+def test_bridge_refuses_an_unmigrated_database(stack: Stack) -> None:
+    r = subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(stack.pg.port), "-U", "lms", "empty"],
+                       env={**os.environ, "PGPASSWORD": stack.pg.password}, capture_output=True)
+    assert r.returncode == 0 or b"already exists" in r.stderr
+    url = stack.pg.url.rsplit("/", 1)[0] + "/empty"
+    err = one_line_error(run_lms("bridge", env=stack.env(LMS_DATABASE_URL=url)))
+    assert "run `lms migrate`" in err
+    assert run_lms("migrate", env=stack.env(LMS_DATABASE_URL=url)).returncode == 0
+    again = run_lms("migrate", env=stack.env(LMS_DATABASE_URL=url))
+    assert "0 migration(s) applied" in again.stdout
+
+
+def test_missing_binaries_are_named_with_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # A machine without the packages: nothing on PATH, nothing in the usual folders.
+    from lms_cli import localstack
+    from lms_cli.main import main
+
+    monkeypatch.setattr(localstack.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(localstack.glob, "glob", lambda pattern: [])
+    assert main(["up", "--state", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lms: error: mosquitto is not installed: sudo apt-get install -y mosquitto mosquitto-clients"]
+    monkeypatch.setattr(localstack, "find_mosquitto", lambda: "/usr/sbin/mosquitto")
+    monkeypatch.setattr(localstack, "find_dynsec_plugin", lambda: "/x.so")
+    from lms_cli import stack as stack_mod
+
+    monkeypatch.setattr(stack_mod, "find_mosquitto", lambda: "/usr/sbin/mosquitto")
+    monkeypatch.setattr(stack_mod, "find_dynsec_plugin", lambda: "/x.so")
+    assert main(["up", "--state", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lms: error: PostgreSQL is not installed: sudo apt-get install -y postgresql"]
+    assert not (tmp_path / "s" / "stack.json").exists()
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        r = run_lms("up", "--state", str(tmp_path / "s"), "--mqtt-port", str(busy), "--pg-port", str(free_port()),
+                    timeout=120)
+    assert f"port {busy} (MQTT) is already in use" in one_line_error(r)
+
+
+class UpProcess:
+    def __init__(self, state: Path, *extra: str) -> None:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("LMS_")}
+        self.proc = subprocess.Popen([*LMS, "up", "--state", str(state), *extra], env=base, cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self) -> None:
+        wait_until(lambda: "ready" in self.text() or self.proc.poll() is not None, 120, "lms up to be ready")
+        assert self.proc.poll() is None, self.text()
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        rc = self.proc.wait(60)
+        self.reader.join(5)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return rc
+
+
+def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    mqtt_port, pg_port = free_port(), free_port()
+    up = UpProcess(state, "--mqtt-port", str(mqtt_port), "--pg-port", str(pg_port))
+    try:
+        up.wait_ready()
+        out = up.text()
+        assert "creating a new stack" in out
+        assert f"mqtt://127.0.0.1:{mqtt_port}" in out
+        assert "device create acme sensor-1" in out and "mosquitto_pub" in out and "mosquitto_sub" in out
+
+        env_out = run_lms("env", "--state", str(state))
+        assert env_out.returncode == 0
+        exports = dict(line.removeprefix("export ").split("=", 1) for line in env_out.stdout.splitlines())
+        assert exports["LMS_DATABASE_URL"].strip("'").endswith(f"@127.0.0.1:{pg_port}/lms")
+
+        # The CLI finds the local stack by its state folder, no exports needed.
+        r = run_lms("device", "create", "acme", "sensor-1", "--json", env={"LMS_STATE_DIR": str(state)})
+        assert r.returncode == 0, r.stderr
+        from lms_core.provisioning import DeviceCredentials
+
+        creds = DeviceCredentials(**json.loads(r.stdout))
+        d = Device(mqtt_port, creds)
+        assert d.connect().value == 0
+        d.publish_wait("telemetry", json.dumps({"ts": int(time.time() * 1000), "values": {"temp": 21.5}}))
+        d.close()
+        psql = ["psql", exports["LMS_DATABASE_URL"].strip("'"), "-tAc", "SELECT count(*) FROM readings"]
+        wait_until(lambda: subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1", 15,
+                   "the reading to be stored")
+
+        second = run_lms("up", "--state", str(state))
+        assert "already running" in one_line_error(second)
+    finally:
+        assert up.interrupt() == 0, up.text()
+    assert "stopped" in up.text()
+    assert not (state / "postgres" / "postmaster.pid").exists()
+
+    again = UpProcess(state)
+    try:
+        again.wait_ready()
+        assert "reusing the stack" in again.text()
+        assert "creating a new stack" not in again.text()
+        d = Device(mqtt_port, creds)  # the same credentials still work
+        assert d.connect().value == 0
+        d.close()
+        assert subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1"
+    finally:
+        assert again.interrupt() == 0, again.text()
