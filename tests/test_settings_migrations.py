@@ -79,7 +79,7 @@ def test_migrations_apply_once_and_refuse_an_edited_file(stack: Stack, tmp_path:
             # A failing migration leaves nothing behind (it runs in a transaction).
             (folder / "0999_extra.sql").write_text("CREATE TABLE extra (id int);")
             (folder / "1000_broken.sql").write_text("CREATE TABLE half (id int); SELECT no_such_function();")
-            with pytest.raises(MigrationError, match="1000_broken.sql failed"):
+            with pytest.raises(MigrationError, match=r"1000_broken\.sql failed"):
                 await migrations.migrate(conn, folder)
             assert await conn.fetchval("SELECT to_regclass('half')") is None
             assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 999
@@ -91,5 +91,5 @@ def test_migrations_apply_once_and_refuse_an_edited_file(stack: Stack, tmp_path:
 
 def test_badly_named_migration_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "1_init.sql").write_text("SELECT 1;")
-    with pytest.raises(MigrationError, match="named NNNN_name.sql"):
+    with pytest.raises(MigrationError, match=r"named NNNN_name\.sql"):
         migrations.load(tmp_path)
