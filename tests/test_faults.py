@@ -51,7 +51,12 @@ def _run_with_fault(s: Stack, org: str, fault: Callable[[], None], bridges: list
         t.join(300)
     assert not errors, errors
     assert stored_at_fault < total - 20_000, "the fault did not hit 20,000 messages in flight"
-    wait_until(lambda: _count(s) >= total, 180, f"{total} rows", interval=0.5)
+    try:
+        wait_until(lambda: _count(s) >= total, 180, f"{total} rows", interval=0.5)
+    except AssertionError:
+        alive = [b.proc is not None and b.proc.poll() is None for b in bridges]
+        raise AssertionError(f"{_count(s)} of {total} rows; bridges alive: {alive}; last bridge log:\n"
+                             + bridges[-1].log_text()[-4000:]) from None
     time.sleep(2)  # anything extra (a duplicate) would arrive now
     assert _count(s) == total
     # Every published message exactly once: one row per (device, seq).
