@@ -144,6 +144,21 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_broker_init(args: argparse.Namespace) -> int:
+    from lms_core.broker import write_bootstrap
+    from lms_core.topics import TopicScheme
+
+    settings = _settings()
+    path = Path(args.path)
+    if path.exists():
+        print(f"{path} exists; left as it is (the bridge reconciles it with the database)")
+        return 0
+    assert settings.mqtt.username and settings.mqtt.password  # checked by Settings
+    write_bootstrap(str(path), settings.mqtt.username, settings.mqtt.password, TopicScheme(settings.topic_root))
+    print(f"wrote {path} with the service account {settings.mqtt.username}")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
 
 def _slug(value: str) -> str:
@@ -185,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_bridge)
     sub.add_parser("reconcile", help="bring the broker's credentials in line with the database").set_defaults(
         fn=cmd_reconcile)
+
+    bi = sub.add_parser("broker-init", help="write the broker's first dynamic-security file (service account "
+                                           "from LMS_MQTT_URL); for deployments other than `lms up`")
+    bi.add_argument("path", help="where the broker's plugin_opt_config_file points")
+    bi.set_defaults(fn=cmd_broker_init)
 
     dev = sub.add_parser("device", help="provision and manage devices")
     dsub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")

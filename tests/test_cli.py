@@ -229,3 +229,26 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         assert subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1"
     finally:
         assert again.interrupt() == 0, again.text()
+
+
+def test_broker_init_writes_a_bootstrap_the_broker_accepts(tmp_path: Path) -> None:
+    from lms_cli.localstack import Mosquitto
+
+    mq = Mosquitto(tmp_path / "mq", free_port(), "service-pw-0123456789")
+    mq.workdir.mkdir(parents=True)
+    env = {"LMS_DATABASE_URL": "postgresql://x@127.0.0.1/x",
+           "LMS_MQTT_URL": f"mqtt://lms-service:{mq.service_password}@127.0.0.1:{mq.port}"}
+    r = run_lms("broker-init", str(mq.dynsec_path), env=env)
+    assert r.returncode == 0 and "wrote" in r.stdout
+    assert mq.dynsec_path.stat().st_mode & 0o777 == 0o600
+    assert "left as it is" in run_lms("broker-init", str(mq.dynsec_path), env=env).stdout
+    mq.start()
+    try:
+        ok = subprocess.run(["mosquitto_sub", "-p", str(mq.port), "-u", "lms-service", "-P", mq.service_password,
+                             "-t", "lms/#", "-W", "1"], capture_output=True, text=True, timeout=10)
+        bad = subprocess.run(["mosquitto_sub", "-p", str(mq.port), "-u", "lms-service", "-P", "nope",
+                              "-t", "lms/#", "-W", "1"], capture_output=True, text=True, timeout=10)
+    finally:
+        mq.stop()
+    assert "not authorised" not in ok.stderr
+    assert "not authorised" in bad.stderr
