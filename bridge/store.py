@@ -52,6 +52,7 @@ class Batch:
     seen: dict[int, float] = field(default_factory=dict)
     quarantine: list[tuple[datetime, str, bytes, str, str | None, str | None]] = field(default_factory=list)
     quarantined_kinds: list[str] = field(default_factory=list)
+    received: dict[str, int] = field(default_factory=dict)  # messages per topic kind
 
 
 class Store:
@@ -101,12 +102,15 @@ class Store:
         devices = self._devices
         decoder = self.decoder
         root = self.root
+        n_telemetry = 0
         for topic, payload, _mid, _gen, now in messages:
             parts = topic.split("/", 3)
             if len(parts) != 4 or parts[0] != root:
                 self._quarantine(b, topic, payload, now, "not a device topic", "topic", None, None)
                 continue
             _, org, dev, kind = parts
+            if kind == "telemetry":
+                n_telemetry += 1
             dev_id = devices.get((org, dev))
             if dev_id is None:
                 self._quarantine(b, topic, payload, now, f"unknown device {org}/{dev}", "unknown_device", org, dev)
@@ -132,6 +136,13 @@ class Store:
                     raise Rejected(f"the bridge does not take messages on '{kind}'")
             except Rejected as exc:
                 self._quarantine(b, topic, payload, now, str(exc), kind.split("/")[0], org, dev)
+        b.received["telemetry"] = n_telemetry
+        if len(messages) > n_telemetry:  # rare: count the other kinds
+            for m in messages:
+                kind = m[0].rsplit("/", 1)[-1]
+                if kind != "telemetry":
+                    kind = kind if kind in ("status", "events") else "other"
+                    b.received[kind] = b.received.get(kind, 0) + 1
         return b
 
     @staticmethod
@@ -209,11 +220,14 @@ class Store:
                ON COMMIT DELETE ROWS"""
         )
         await conn.copy_records_to_table("readings_stage", records=readings, columns=READING_COLUMNS)
-        await conn.execute(
+        status = await conn.execute(
             "INSERT INTO readings SELECT time, device_id, metric, value, text_value FROM readings_stage "
             "ON CONFLICT DO NOTHING"
         )
         await conn.execute("TRUNCATE readings_stage")
+        inserted = int(status.rsplit(" ", 1)[-1])
+        if inserted < len(readings):
+            log.info("de-duplicated: %d of %d reading(s) were already stored", len(readings) - inserted, len(readings))
 
     @staticmethod
     async def _insert_quarantine(conn: asyncpg.Connection, rows: list[Any]) -> None:
@@ -244,6 +258,8 @@ class Store:
                 total.quarantine += b.quarantine
                 total.quarantined_kinds += b.quarantined_kinds
                 total.seen.update(b.seen)
+                for kind, n in b.received.items():
+                    total.received[kind] = total.received.get(kind, 0) + n
         return total
 
     def _after_commit(self, b: Batch) -> None:

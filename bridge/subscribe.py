@@ -53,6 +53,7 @@ class Ingest:
         self._stopping = False
         self._subscribe_task: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
+        self._draining = False
         self._stop: asyncio.Event | None = None
         # MQTT 3.1.1: paho's 3.1.1 path measured ~2x faster than its MQTT 5 path here,
         # and a persistent 3.1.1 session never expires on Mosquitto unless configured to.
@@ -72,6 +73,8 @@ class Ingest:
     # -- MQTT callbacks (event loop thread) ------------------------------------------
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
+        if self._draining:
+            return  # stopping: left unacknowledged for the broker to redeliver
         buf = self.buffer
         buf.append((msg.topic, msg.payload, msg.mid, self.mqtt.generation, time.time()))
         n = len(buf)
@@ -130,12 +133,20 @@ class Ingest:
         """Flush batches until ``stop`` is set, then flush what was received and return."""
         self._stop = stop
         stop_task = asyncio.create_task(stop.wait(), name="bridge stop watcher")
+        paused = False
         try:
             while True:
                 if self._fatal is not None:
                     raise self._fatal
+                if stop.is_set() and not paused:
+                    # Stop taking new messages so that a busy stream cannot hold the stop
+                    # open; what is buffered is committed and acknowledged below.
+                    self.mqtt.pause_reading()
+                    paused = True
+                    log.info("stopping: committing %d buffered message(s)", len(self.buffer))
                 if not self.buffer:
                     if stop.is_set():
+                        await self._final_barrier()
                         return
                     self._arrived.clear()
                     arrived = asyncio.ensure_future(self._arrived.wait())
@@ -152,6 +163,16 @@ class Ingest:
         finally:
             stop_task.cancel()
 
+    async def _final_barrier(self) -> None:
+        """Make sure the broker has the last acknowledgements before we disconnect."""
+        self._draining = True
+        if not self.mqtt.connected:
+            return
+        try:
+            await self.mqtt.barrier()
+        except BrokerError as exc:
+            log.warning("could not confirm the last acknowledgements (%s); the broker may redeliver some", exc)
+
     async def _commit(self, batch: list[Message], stop: asyncio.Event) -> None:
         self.in_commit = len(batch)
         self.metrics.backlog.set(len(self.buffer) + self.in_commit)
@@ -159,7 +180,7 @@ class Ingest:
         while True:
             started = time.perf_counter()
             try:
-                await self.store.commit(batch)
+                written = await self.store.commit(batch)
                 break
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
                 if not is_connection_error(exc):
@@ -169,7 +190,10 @@ class Ingest:
                             exc.__class__.__name__, len(batch), delay)
                 if stop.is_set() and delay >= 5:
                     # Stopping while the database is down: leave the batch to the broker.
-                    log.warning("stopping with %d uncommitted message(s) left to the broker", len(batch))
+                    log.warning("stopping with %d uncommitted message(s) left to the broker",
+                                len(batch) + len(self.buffer))
+                    self.buffer.clear()
+                    self._draining = True
                     self.in_commit = 0
                     return
                 await asyncio.sleep(delay)
@@ -177,13 +201,9 @@ class Ingest:
         self.metrics.flush_seconds.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.stored.inc(len(batch))
-        kinds: dict[str, int] = {}
-        ack = self.mqtt.ack
-        for topic, _payload, mid, gen, _t in batch:
-            ack(mid, gen)
-            kind = topic.rsplit("/", 1)[-1]
-            kinds[kind] = kinds.get(kind, 0) + 1
-        for kind, n in kinds.items():
-            self.metrics.received.labels(kind if kind in ("telemetry", "status", "events") else "other").inc(n)
+        gen = self.mqtt.generation
+        self.mqtt.ack_many([m[2] for m in batch if m[3] == gen], gen)
+        for kind, n in written.received.items():
+            self.metrics.received.labels(kind).inc(n)
         self.in_commit = 0
         self.metrics.backlog.set(len(self.buffer))

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ from lms_core.settings import MqttUrl
 log = logging.getLogger("lms.mqtt")
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
+
+_puback = struct.Struct(">BBH").pack  # PUBACK: type 0x40, remaining length 2, packet id
 
 
 class AsyncMqttClient:
@@ -212,6 +215,45 @@ class AsyncMqttClient:
         mid = self.publish_nowait(topic, payload, qos, retain)
         if qos:
             await self._wait(mid, timeout)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (writes, e.g. acknowledgements, still go out).
+        Unread messages stay unacknowledged with the broker, which redelivers them."""
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+
+    def ack_many(self, mids: list[int], generation: int) -> int:
+        """Acknowledge QoS 1 messages received on connection ``generation``; return how many.
+
+        One write for the whole batch: paho's ``ack`` queues one packet per message, wakes
+        its loop through a socket pair and sends each PUBACK with its own system call,
+        which cost ~7% of the bridge's CPU in bench/ingest.py. The packets are the same
+        4 bytes in MQTT 3.1.1 and 5 (a PUBACK without reason code means success).
+        """
+        if generation != self.generation or not self.connected or not mids:
+            return 0
+        queue = getattr(self.client, "_packet_queue", None)
+        if queue is None:  # a paho without the internal queue: one call per message
+            for mid in mids:
+                self.client.ack(mid, 1)
+            return len(mids)
+        queue(paho.PUBACK, b"".join([_puback(0x40, 2, mid) for mid in mids]), 0, 0)
+        return len(mids)
+
+    def resume_reading(self) -> None:
+        if self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock, self._read)
+
+    async def barrier(self, timeout: float = 5) -> None:
+        """Return once the broker has processed everything sent before this call.
+
+        Mosquitto handles a connection's packets in order, so the answer to a request
+        sent now (an UNSUBSCRIBE of a filter nobody uses) proves the PUBACKs ahead of it
+        were processed. Needed before closing: a socket closed with unread data in it is
+        reset, and a reset makes the broker discard what it had not read yet.
+        """
+        self.resume_reading()
+        await self.unsubscribe(["$lms-barrier"], timeout=timeout)
 
     def ack(self, mid: int, generation: int) -> bool:
         """Acknowledge a QoS 1 message received on connection ``generation``."""

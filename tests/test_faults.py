@@ -126,3 +126,28 @@ def test_two_bridges_share_the_load_and_store_each_message_once(own_stack: Stack
     assert s1 + s2 == total  # no message was delivered to both
     for d in devs:
         d.close()
+
+
+@pytest.mark.slow
+def test_sigterm_commits_and_acknowledges_before_exiting(own_stack: Stack, unique: str) -> None:
+    s = own_stack
+    bridge = s.start_bridge()
+    total = 2 * 10_000
+    devs, threads, errors = _stream(s, unique, 2, 10_000)
+    wait_until(lambda: _count(s) >= 3000, 60, "the first rows")
+    assert bridge.stop(timeout=30) == 0  # SIGTERM in the middle of the stream
+    assert '"bridge stopped"' in bridge.log_text()
+    stopped_at = _count(s)
+    assert stopped_at < total
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    bridge.start()
+    wait_until(lambda: _count(s) >= total, 120, f"{total} rows", interval=0.5)
+    time.sleep(1)
+    assert _count(s) == total
+    # Everything the stopped bridge committed was acknowledged before it exited: nothing
+    # came back as a redelivery, so the de-duplicating path never ran.
+    assert bridge.metric("lms_bridge_dedup_batches_total") == 0
+    for d in devs:
+        d.close()
