@@ -109,14 +109,7 @@ class Provisioner:
     async def rotate_credentials(self, org: str, device: str) -> DeviceCredentials:
         nonce = secrets.token_urlsafe(16)
         async with self.pool.acquire() as conn, conn.transaction():
-            found = await conn.fetchval(
-                """UPDATE devices d SET credential_nonce = $3, credentials_rotated_at = now(), updated_at = now()
-                   FROM organizations o WHERE o.id = d.org_id AND o.slug = $1 AND d.slug = $2
-                   RETURNING d.id""",
-                org, device, nonce,
-            )
-            if found is None:
-                raise NotFound(f"device {org}/{device} does not exist")
+            await _update_device(conn, org, device, "credential_nonce = $3, credentials_rotated_at = now()", nonce)
             creds = self._credentials(org, device, nonce)
             await self.admin.set_device_password(org, device, creds.password)
         return creds
@@ -124,14 +117,7 @@ class Provisioner:
     async def set_enabled(self, org: str, device: str, enabled: bool) -> None:
         """Enable or disable a device; disabling disconnects it at once."""
         async with self.pool.acquire() as conn, conn.transaction():
-            found = await conn.fetchval(
-                """UPDATE devices d SET enabled = $3, updated_at = now()
-                   FROM organizations o WHERE o.id = d.org_id AND o.slug = $1 AND d.slug = $2
-                   RETURNING d.id""",
-                org, device, enabled,
-            )
-            if found is None:
-                raise NotFound(f"device {org}/{device} does not exist")
+            await _update_device(conn, org, device, "enabled = $3", enabled)
             await self.admin.set_device_enabled(org, device, enabled)
         log.info("device %s", "enabled" if enabled else "disabled", extra={"org": org, "device": device})
 
@@ -197,6 +183,18 @@ class Provisioner:
         for i in range(0, len(cmds), 200):
             await self.admin.execute(cmds[i : i + 200])
         return counts
+
+
+async def _update_device(conn: asyncpg.Connection, org: str, device: str, assignments: str, value: object) -> None:
+    """``UPDATE devices SET <assignments>`` for one device by slugs; NotFound if absent.
+    ``assignments`` is code, never user input; the value is ``$3``."""
+    found = await conn.fetchval(
+        f"""UPDATE devices d SET {assignments}, updated_at = now()
+            FROM organizations o WHERE o.id = d.org_id AND o.slug = $1 AND d.slug = $2 RETURNING d.id""",
+        org, device, value,
+    )
+    if found is None:
+        raise NotFound(f"device {org}/{device} does not exist")
 
 
 def _acl_key(acls: list[dict[str, object]]) -> set[tuple[object, object, object]]:

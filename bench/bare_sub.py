@@ -1,0 +1,111 @@
+"""A bare paho-mqtt QoS-1 subscriber that only counts: the yardstick for bench/ingest.py.
+
+What the bridge does minus the database: paho 2.x callback API, ``loop_forever``, MQTT
+3.1.1, a persistent session (clean_session=False), a QoS-1 subscription, and
+automatic acknowledgement on receipt. It does nothing with a message but count it.
+
+usage: bare_sub.py URL CLIENT_ID FILTER TARGET [--timeout S] [--clean]
+
+It prints one JSON object per line on stdout (times are ``time.monotonic()``, i.e.
+CLOCK_MONOTONIC, comparable with the parent process's clock):
+  {"event": "connected", "t": ..., "session_present": bool}
+  {"event": "subscribed", "t": ...}
+  {"event": "first", "t": ...}
+  {"event": "progress", "count": n, "t": ...}      about once a second while receiving
+  {"event": "done", "count": n, "t": ..., "first": t_first, "cpu": process CPU s}
+and exits 0 when TARGET messages were received, 1 on timeout or refusal.
+With --clean it connects with clean_session=True (which deletes the stored session and
+its subscriptions), disconnects and exits: the way the benchmark removes a session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def emit(**fields: object) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url", help="mqtt://user:password@host:port")
+    ap.add_argument("client_id")
+    ap.add_argument("filter")
+    ap.add_argument("target", type=int)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--clean", action="store_true")
+    args = ap.parse_args()
+    u = urlsplit(args.url)
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=paho.MQTTv311,
+                         clean_session=args.clean)
+    client.username_pw_set(unquote(u.username or ""), unquote(u.password or ""))
+    state = {"count": 0, "first": None, "next_progress": 0.0, "ok": False}
+    target = args.target
+
+    def on_connect(c: paho.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        if reason.is_failure:  # type: ignore[attr-defined]
+            emit(event="refused", reason=str(reason), t=time.monotonic())
+            c.disconnect()
+            return
+        emit(event="connected", t=time.monotonic(), session_present=bool(flags.session_present))  # type: ignore[attr-defined]
+        if args.clean:
+            state["ok"] = True
+            c.disconnect()
+            return
+        c.subscribe(args.filter, qos=1)
+
+    def on_subscribe(c: paho.Client, userdata: object, mid: int, reasons: list, props: object) -> None:
+        if any(r.is_failure for r in reasons):
+            emit(event="refused", reason=str(reasons), t=time.monotonic())
+            c.disconnect()
+            return
+        emit(event="subscribed", t=time.monotonic())
+        if target <= 0:
+            state["ok"] = True
+            c.disconnect()
+
+    def on_message(c: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        n = state["count"] = state["count"] + 1
+        if n == 1:
+            now = state["first"] = time.monotonic()
+            emit(event="first", t=now)
+        if n % 1000 == 0:
+            now = time.monotonic()
+            if now >= state["next_progress"]:
+                state["next_progress"] = now + 1.0
+                emit(event="progress", count=n, t=now)
+        if n == target:
+            emit(event="done", count=n, t=time.monotonic(), first=state["first"], cpu=round(time.process_time(), 3))
+            state["ok"] = True
+            c.disconnect()
+
+    client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
+    client.on_message = on_message
+
+    def watchdog() -> None:
+        emit(event="timeout", count=state["count"], t=time.monotonic())
+        client.disconnect()
+
+    timer = threading.Timer(args.timeout, watchdog)
+    timer.daemon = True
+    timer.start()
+    client.connect(u.hostname or "127.0.0.1", u.port or 1883, keepalive=60)
+    client.loop_forever()
+    timer.cancel()
+    return 0 if state["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
