@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +45,13 @@ def device_rolename(org: str, device: str) -> str:
     return f"{DEVICE_ROLE_PREFIX}{org}.{device}"
 
 
-def is_device_username(username: str) -> bool:
-    return username.count(".") == 1 and not username.startswith(".") and not username.endswith(".")
+_DEVICE_USER = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}")
+
+
+def is_device_client(username: str, roles: tuple[str, ...]) -> bool:
+    """A client the platform made for a device: ``org.device`` holding a ``device.`` role.
+    Clients made by hand (``jane.doe`` without such a role) are never touched."""
+    return bool(_DEVICE_USER.fullmatch(username)) and any(r.startswith(DEVICE_ROLE_PREFIX) for r in roles)
 
 
 def device_acls(topics: TopicScheme, org: str, device: str) -> list[dict[str, Any]]:

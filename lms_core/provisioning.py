@@ -32,7 +32,7 @@ from lms_core.broker import (
     device_acls,
     device_rolename,
     device_username,
-    is_device_username,
+    is_device_client,
     platform_acls,
 )
 from lms_core.errors import AlreadyExists, NotFound
@@ -171,8 +171,8 @@ class Provisioner:
             if client.disabled == r["enabled"]:
                 cmds.append({"command": "enableClient" if r["enabled"] else "disableClient", "username": user})
                 counts["state_fixed"] += 1
-        for user in clients:
-            if is_device_username(user) and user not in wanted_users:
+        for user, client in clients.items():
+            if is_device_client(user, client.roles) and user not in wanted_users:
                 cmds.append({"command": "deleteClient", "username": user})
                 counts["deleted"] += 1
         for role in roles:

@@ -140,6 +140,9 @@ def test_reconcile_rebuilds_lost_broker_credentials(own_stack: Stack, unique: st
         async with BrokerAdmin(s.mqtt_url, TopicScheme()) as admin:
             await admin.create_device("stray", "dev", stray.password)
 
+            # A client made by hand that merely looks like one is not the platform's to delete.
+            await admin.execute([{"command": "createClient", "username": "jane.doe", "password": "jane-pw"}])
+
     asyncio.run(add_stray())
     assert Device(s.mq.port, stray).connect().value == 0
 
@@ -153,3 +156,6 @@ def test_reconcile_rebuilds_lost_broker_credentials(own_stack: Stack, unique: st
         d = Device(s.mq.port, c)
         assert d.connect().is_failure, c.username
         d.client.loop_stop()
+    jane = Device(s.mq.port, DeviceCredentials("jane.doe", "jane-pw", "jane", "", ""))
+    assert jane.connect().value == 0
+    jane.close()
