@@ -16,6 +16,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +115,16 @@ def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
         os.chown(root, user.pw_uid, user.pw_gid)
         for name in files:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid)
-    # Parents must be traversable by the server's user (mkdtemp makes 0700 folders).
+    # Parents must be traversable by the server's user (mkdtemp makes 0700 folders, and
+    # /root is 0700). Only the search bit is added, never read, and it is said out loud.
     parent = path.parent
     while parent != parent.parent:
         mode = parent.stat().st_mode
         if not mode & 0o001:
             os.chmod(parent, mode | 0o001)
+            if not str(parent).startswith(tempfile.gettempdir()):
+                print(f"lms: note: made {parent} traversable by other users (o+x) so that the "
+                      f"'{user.pw_name}' user can reach {path}", file=sys.stderr)
         parent = parent.parent
 
 
