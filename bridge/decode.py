@@ -75,7 +75,10 @@ class TelemetryDecoder:
                 raise Rejected(f"ts {ts[:40]!r} has no time zone (add Z or an offset)")
             seconds = when.timestamp()
         else:
-            seconds = ts / 1000.0
+            try:
+                seconds = ts / 1000.0
+            except OverflowError:  # an integer of hundreds of digits
+                raise Rejected(f"ts {_short(ts)} is out of range") from None
         lim = self.limits
         if not now - lim.max_past_s <= seconds <= now + lim.max_future_s:
             hint = ""
@@ -95,13 +98,23 @@ class TelemetryDecoder:
         if not values:
             raise Rejected("no metrics in message")
         start = len(out)
-        self._flatten(values, "", 1, when, out)
+        nested = self._flatten(values, "", 1, when, out)
         if len(out) - start > self.limits.max_metrics:
             raise Rejected(f"too many metrics: {len(out) - start} > limit {self.limits.max_metrics}")
+        if nested:
+            # {"a.b": 1, "a": {"b": 2}} flattens to the same name twice: refuse it rather
+            # than let the unique index keep one value and silently drop the other.
+            seen: set[str] = set()
+            for row in out[start:]:
+                if row[1] in seen:
+                    raise Rejected(f"metric {row[1][:80]!r} given twice (a dotted name and a nested object)")
+                seen.add(row[1])
 
-    def _flatten(self, obj: dict[str, Any], prefix: str, depth: int, when: datetime, out: list[Row]) -> None:
+    def _flatten(self, obj: dict[str, Any], prefix: str, depth: int, when: datetime, out: list[Row]) -> bool:
+        """Append rows; return whether a nested object was flattened."""
         if depth > self.limits.max_depth:
             raise Rejected(f"object nested deeper than {self.limits.max_depth} levels")
+        nested = False
         for key, v in obj.items():
             name = prefix + key
             tv = type(v)
@@ -125,9 +138,11 @@ class TelemetryDecoder:
                 if not v:
                     raise Rejected(f"metric {name[:80]!r}: empty object")
                 self._flatten(v, name + ".", depth + 1, when, out)
+                nested = True
             else:
                 kind = "null" if v is None else "array" if tv is list else tv.__name__
                 raise Rejected(f"metric {name[:80]!r}: {kind} is not a number, boolean, string or object")
+        return nested
 
     # -- public ------------------------------------------------------------------
 
@@ -164,6 +179,8 @@ class TelemetryDecoder:
         etype = doc.get("type")
         if not isinstance(etype, str) or not _EVENT_TYPE.fullmatch(etype):
             raise Rejected(f"event type must match {_EVENT_TYPE.pattern}, got {_short(etype)}")
+        if etype in RESERVED_EVENT_TYPES:
+            raise Rejected(f"event type {etype!r} is reserved for the platform (presence)")
         data = doc.get("data", {})
         if type(data) is not dict:
             raise Rejected(f"event data must be a JSON object, got {_short(data)}")
@@ -184,6 +201,8 @@ class TelemetryDecoder:
 
 
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}")
+#: Event types the bridge writes itself; a device may not forge them.
+RESERVED_EVENT_TYPES = frozenset({"status"})
 
 
 def _short(v: Any) -> str:

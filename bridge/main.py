@@ -23,8 +23,6 @@ from lms_core.topics import TopicScheme
 
 log = logging.getLogger("lms.bridge")
 T = TypeVar("T")
-#: Only one bridge reconciles the broker at a time.
-RECONCILE_LOCK = 0x4C4D5302
 
 
 async def _retry(what: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
@@ -56,14 +54,9 @@ async def check_schema(pool: db.asyncpg.Pool) -> None:
 
 async def reconcile_broker(settings: Settings, pool: db.asyncpg.Pool) -> dict[str, int]:
     topics = TopicScheme(settings.topic_root)
-    async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", RECONCILE_LOCK)
-        try:
-            async with BrokerAdmin(settings.mqtt, topics) as admin:
-                prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
-                return await prov.reconcile()
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock($1)", RECONCILE_LOCK)
+    async with BrokerAdmin(settings.mqtt, topics) as admin:
+        prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
+        return await prov.reconcile()
 
 
 async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float = 30) -> None:

@@ -25,13 +25,15 @@ import asyncpg
 
 from bridge.decode import Rejected, TelemetryDecoder
 from bridge.metrics import BridgeMetrics
-from lms_core.db import is_connection_error
+from lms_core.db import is_transient
 from lms_core.topics import TopicScheme
 
 log = logging.getLogger("lms.bridge.store")
 
-#: (topic, payload, packet id, connection generation, time of receipt in epoch seconds)
-Message = tuple[str, bytes, int, int, float]
+#: (topic, payload, packet id (0 for QoS 0), connection generation, time of receipt in epoch
+#: seconds, retained flag). The flag is set only when the broker replays a retained message
+#: to a new subscription (MQTT 3.1.1 clears it on live delivery).
+Message = tuple[str, bytes, int, int, float, bool]
 
 READING_COLUMNS = ("time", "device_id", "metric", "value", "text_value")
 #: How long to stay on the de-duplicating path after a redelivered reading was seen.
@@ -52,6 +54,7 @@ class Batch:
     seen: dict[int, float] = field(default_factory=dict)
     quarantine: list[tuple[datetime, str, bytes, str, str | None, str | None]] = field(default_factory=list)
     quarantined_kinds: list[str] = field(default_factory=list)
+    replayed: int = 0  # retained messages replayed by the broker, not stored again
     received: dict[str, int] = field(default_factory=dict)  # messages per topic kind
 
 
@@ -103,7 +106,7 @@ class Store:
         decoder = self.decoder
         root = self.root
         n_telemetry = 0
-        for topic, payload, _mid, _gen, now in messages:
+        for topic, payload, _mid, _gen, now, retained in messages:
             parts = topic.split("/", 3)
             if len(parts) != 4 or parts[0] != root:
                 self._quarantine(b, topic, payload, now, "not a device topic", "topic", None, None)
@@ -116,7 +119,10 @@ class Store:
                 self._quarantine(b, topic, payload, now, f"unknown device {org}/{dev}", "unknown_device", org, dev)
                 continue
             try:
-                if kind == "telemetry":
+                if retained and kind != "status":
+                    # A replay of a retained message, stored when it was first published.
+                    b.replayed += 1
+                elif kind == "telemetry":
                     for when, metric, value, text in decoder.telemetry(payload, now):
                         readings.append((when, dev_id, metric, value, text))
                     if now > b.seen.get(dev_id, 0.0):
@@ -126,7 +132,8 @@ class Store:
                     if status is not None:
                         when = datetime.fromtimestamp(now, UTC)
                         b.statuses[dev_id] = (status, when)
-                        b.events.append((when, dev_id, "status", f'{{"status": "{status}"}}'))
+                        if not retained:  # a replay is the device's state, not a new event
+                            b.events.append((when, dev_id, "status", f'{{"status": "{status}"}}'))
                 elif kind == "events":
                     when, etype, data = decoder.event(payload, now)
                     b.events.append((when, dev_id, etype, data))
@@ -136,6 +143,11 @@ class Store:
                     raise Rejected(f"the bridge does not take messages on '{kind}'")
             except Rejected as exc:
                 self._quarantine(b, topic, payload, now, str(exc), kind.split("/")[0], org, dev)
+            except Exception as exc:
+                # A decoder bug must not become a poison message that stops every device.
+                log.exception("decoder failed on %s", topic)
+                self._quarantine(b, topic, payload, now, f"decoder error: {exc.__class__.__name__}: {exc}"[:500],
+                                 "decoder_error", org, dev)
         b.received["telemetry"] = n_telemetry
         if len(messages) > n_telemetry:  # rare: count the other kinds
             for m in messages:
@@ -163,7 +175,7 @@ class Store:
                 async with conn.transaction():
                     await self._write(conn, batch)
             except asyncpg.PostgresError as exc:
-                if is_connection_error(exc):
+                if is_transient(exc):
                     raise
                 log.error("batch refused by the database, retrying message by message: %s", exc)
                 batch = await self._write_one_by_one(conn, messages)
@@ -192,25 +204,37 @@ class Store:
             )
         if b.quarantine:
             await self._insert_quarantine(conn, b.quarantine)
-        if b.statuses:
-            ids = sorted(b.statuses)  # one lock order for every bridge: no deadlocks
+        presence = self._presence_due(b)
+        if presence:
+            ids = sorted(presence)  # one statement, one lock order for every bridge
             await conn.execute(
-                """UPDATE devices d SET status = u.s, status_changed_at = u.t,
-                          last_seen_at = GREATEST(d.last_seen_at, u.t)
-                   FROM unnest($1::bigint[], $2::text[], $3::timestamptz[]) AS u(id, s, t)
-                   WHERE d.id = u.id AND (d.status_changed_at IS NULL OR d.status_changed_at <= u.t)""",
-                ids, [b.statuses[i][0] for i in ids], [b.statuses[i][1] for i in ids],
+                """UPDATE devices d SET
+                       status = CASE WHEN u.s IS NOT NULL AND d.status IS DISTINCT FROM u.s
+                                     AND (d.status_changed_at IS NULL OR d.status_changed_at <= u.st)
+                                     THEN u.s ELSE d.status END,
+                       status_changed_at = CASE WHEN u.s IS NOT NULL AND d.status IS DISTINCT FROM u.s
+                                     AND (d.status_changed_at IS NULL OR d.status_changed_at <= u.st)
+                                     THEN u.st ELSE d.status_changed_at END,
+                       last_seen_at = GREATEST(d.last_seen_at, u.seen, u.st)
+                   FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS u(id, s, st, seen)
+                   WHERE d.id = u.id""",
+                ids,
+                [presence[i][0] for i in ids],
+                [presence[i][1] for i in ids],
+                [presence[i][2] for i in ids],
             )
-        if b.seen:
-            written = self._seen_written
-            due = sorted(i for i, t in b.seen.items() if t - written.get(i, 0.0) >= SEEN_EVERY_S)
-            if due:
-                await conn.execute(
-                    """UPDATE devices d SET last_seen_at = u.t
-                       FROM unnest($1::bigint[], $2::timestamptz[]) AS u(id, t)
-                       WHERE d.id = u.id AND (d.last_seen_at IS NULL OR d.last_seen_at < u.t)""",
-                    due, [datetime.fromtimestamp(b.seen[i], UTC) for i in due],
-                )
+
+    def _presence_due(self, b: Batch) -> dict[int, tuple[str | None, datetime | None, datetime | None]]:
+        """Per device: (status, its time, last seen) to write; last seen at most once a second."""
+        out: dict[int, tuple[str | None, datetime | None, datetime | None]] = {}
+        written = self._seen_written
+        for dev_id, t in b.seen.items():
+            if t - written.get(dev_id, 0.0) >= SEEN_EVERY_S:
+                out[dev_id] = (None, None, datetime.fromtimestamp(t, UTC))
+        for dev_id, (status, when) in b.statuses.items():
+            seen = out.get(dev_id, (None, None, None))[2]
+            out[dev_id] = (status, when, seen)
+        return out
 
     async def _insert_dedup(self, conn: asyncpg.Connection, readings: list[Any]) -> None:
         self.metrics.dedup_batches.inc()
@@ -247,17 +271,21 @@ class Store:
                     async with conn.transaction():
                         await self._write(conn, b, dedup=True)
                 except asyncpg.PostgresError as exc:
-                    if is_connection_error(exc):
+                    if is_transient(exc):
                         raise
                     b = Batch()
+                    parts = m[0].split("/", 3)
+                    org, dev = (parts[1], parts[2]) if len(parts) == 4 else (None, None)
                     self._quarantine(b, m[0], m[1], m[4], f"refused by the database: {exc}"[:500],
-                                     "database", None, None)
+                                     "database", org, dev)
                     await self._insert_quarantine(conn, b.quarantine)
                 total.readings += b.readings
                 total.events += b.events
                 total.quarantine += b.quarantine
                 total.quarantined_kinds += b.quarantined_kinds
                 total.seen.update(b.seen)
+                total.statuses.update(b.statuses)
+                total.replayed += b.replayed
                 for kind, n in b.received.items():
                     total.received[kind] = total.received.get(kind, 0) + n
         return total

@@ -23,7 +23,7 @@ import paho.mqtt.client as paho
 
 from bridge.metrics import BridgeMetrics
 from bridge.store import Message, Store
-from lms_core.db import is_connection_error
+from lms_core.db import is_transient
 from lms_core.errors import BrokerError, BrokerUnavailable
 from lms_core.mqtt import AsyncMqttClient
 from lms_core.settings import Settings
@@ -54,6 +54,9 @@ class Ingest:
         self._subscribe_task: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
         self._draining = False
+        self._backpressure = False
+        # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
+        self.max_buffer = max(4 * self.batch_size, 10_000)
         self._stop: asyncio.Event | None = None
         # MQTT 3.1.1: paho's 3.1.1 path measured ~2x faster than its MQTT 5 path here,
         # and a persistent 3.1.1 session never expires on Mosquitto unless configured to.
@@ -76,12 +79,19 @@ class Ingest:
         if self._draining:
             return  # stopping: left unacknowledged for the broker to redeliver
         buf = self.buffer
-        buf.append((msg.topic, msg.payload, msg.mid, self.mqtt.generation, time.time()))
+        # QoS 0 messages carry no packet id (mid 0): they are never acknowledged.
+        buf.append((msg.topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, time.time(),
+                    bool(msg.retain)))
         n = len(buf)
         if n == 1:
             self._arrived.set()
         elif n >= self.batch_size:
             self._full.set()
+            if n >= self.max_buffer and not self._backpressure:
+                # QoS 0 traffic is outside the broker's in-flight window; stop reading
+                # until the backlog is committed so memory stays bounded regardless.
+                self._backpressure = True
+                self.mqtt.pause_reading()
 
     def _on_connect(self, session_present: bool) -> None:
         self.metrics.connected.set(1)
@@ -95,6 +105,7 @@ class Ingest:
         # ones not yet being committed instead of storing them twice.
         dropped = len(self.buffer)
         self.buffer.clear()
+        self._backpressure = False  # the next connection reads from a fresh socket
         if dropped:
             log.info("connection lost: %d uncommitted message(s) left to the broker to redeliver", dropped)
 
@@ -183,7 +194,7 @@ class Ingest:
                 written = await self.store.commit(batch)
                 break
             except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-                if not is_connection_error(exc):
+                if not is_transient(exc):
                     raise
                 self.metrics.db_errors.inc()
                 log.warning("database unavailable (%s); holding %d message(s) unacknowledged, retry in %.1f s",
@@ -202,7 +213,10 @@ class Ingest:
         self.metrics.batch_size.observe(len(batch))
         self.metrics.stored.inc(len(batch))
         gen = self.mqtt.generation
-        self.mqtt.ack_many([m[2] for m in batch if m[3] == gen], gen)
+        self.mqtt.ack_many([m[2] for m in batch if m[3] == gen and m[2]], gen)
+        if self._backpressure and len(self.buffer) < self.max_buffer // 2 and not self._draining:
+            self._backpressure = False
+            self.mqtt.resume_reading()
         for kind, n in written.received.items():
             self.metrics.received.labels(kind).inc(n)
         self.in_commit = 0

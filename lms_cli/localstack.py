@@ -169,7 +169,9 @@ class Postgres:
         runas = _unprivileged("postgres")
         self.datadir.mkdir(parents=True, exist_ok=True)
         pwfile = self.datadir.parent / ".pgpass-init"
-        pwfile.write_text(self.password + "\n")
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the superuser's password
+        with os.fdopen(fd, "w") as f:
+            f.write(self.password + "\n")
         _chown_tree(self.datadir, runas)
         if runas:
             os.chown(pwfile, runas.pw_uid, runas.pw_gid)

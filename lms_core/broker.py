@@ -151,6 +151,7 @@ class BrokerClient:
     disabled: bool
     roles: tuple[str, ...]
     clientid: str | None
+    groups: tuple[str, ...] = ()
 
 
 class DynsecError(BrokerError):
@@ -267,6 +268,7 @@ class BrokerAdmin:
                 disabled=bool(c.get("disabled", False)),
                 roles=tuple(r["rolename"] for r in c.get("roles", [])),
                 clientid=c.get("clientid"),
+                groups=tuple(g["groupname"] for g in c.get("groups", [])),
             )
         return out
 

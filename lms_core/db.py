@@ -32,6 +32,12 @@ def is_connection_error(exc: BaseException) -> bool:
     return state.startswith(("08", "57P"))
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying as is: the connection failed, or the transaction lost a race
+    (SQLSTATE class 40: deadlock, serialization failure)."""
+    return is_connection_error(exc) or (getattr(exc, "sqlstate", None) or "").startswith("40")
+
+
 def _describe(url: str) -> str:
     return url.split("@")[-1] if "@" in url else url
 

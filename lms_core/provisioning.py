@@ -40,6 +40,12 @@ from lms_core.topics import TopicScheme, check_slug
 
 log = logging.getLogger("lms.provisioning")
 
+#: Reconcile holds this advisory lock exclusively from reading the database to its last
+#: broker command; provisioning takes it shared inside its transaction. Without it a
+#: reconcile could delete a client created a moment ago (its row not yet committed) or
+#: re-enable a device being disabled.
+RECONCILE_LOCK = 0x4C4D5302
+
 
 class DeviceCredentials(msgspec.Struct, frozen=True):
     """What a device needs to connect; shown once at creation or rotation."""
@@ -87,6 +93,7 @@ class Provisioner:
         check_slug(device, "device")
         nonce = secrets.token_urlsafe(16)
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
             org_id = await conn.fetchval(
                 """INSERT INTO organizations (slug, name) VALUES ($1, $1)
                    ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug RETURNING id""",
@@ -108,15 +115,34 @@ class Provisioner:
 
     async def rotate_credentials(self, org: str, device: str) -> DeviceCredentials:
         nonce = secrets.token_urlsafe(16)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await _update_device(conn, org, device, "credential_nonce = $3, credentials_rotated_at = now()", nonce)
-            creds = self._credentials(org, device, nonce)
-            await self.admin.set_device_password(org, device, creds.password)
+        async with self.pool.acquire() as conn:
+            tr = conn.transaction()
+            await tr.start()
+            try:
+                await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+                old = await conn.fetchval(
+                    """SELECT d.credential_nonce FROM devices d JOIN organizations o ON o.id = d.org_id
+                       WHERE o.slug = $1 AND d.slug = $2 FOR UPDATE OF d""", org, device)
+                await _update_device(conn, org, device, "credential_nonce = $3, credentials_rotated_at = now()",
+                                     nonce)
+                creds = self._credentials(org, device, nonce)
+                await self.admin.set_device_password(org, device, creds.password)
+            except BaseException:
+                await tr.rollback()
+                raise
+            try:
+                await tr.commit()
+            except BaseException:
+                # The broker already has the new password: put the old one back, or the
+                # device is locked out with a password nobody was shown.
+                await self.admin.set_device_password(org, device, derive_password(self.secret, org, device, old))
+                raise
         return creds
 
     async def set_enabled(self, org: str, device: str, enabled: bool) -> None:
         """Enable or disable a device; disabling disconnects it at once."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
             await _update_device(conn, org, device, "enabled = $3", enabled)
             await self.admin.set_device_enabled(org, device, enabled)
         log.info("device %s", "enabled" if enabled else "disabled", extra={"org": org, "device": device})
@@ -128,10 +154,17 @@ class Provisioner:
         roles the database does not know. Returns counts of each kind of change.
         """
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                """SELECT o.slug AS org, d.slug AS device, d.enabled, d.credential_nonce
-                   FROM devices d JOIN organizations o ON o.id = d.org_id"""
-            )
+            await conn.execute("SELECT pg_advisory_lock($1)", RECONCILE_LOCK)
+            try:
+                return await self._reconcile(conn)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", RECONCILE_LOCK)
+
+    async def _reconcile(self, conn: asyncpg.Connection) -> dict[str, int]:
+        rows = await conn.fetch(
+            """SELECT o.slug AS org, d.slug AS device, d.enabled, d.credential_nonce
+               FROM devices d JOIN organizations o ON o.id = d.org_id"""
+        )
         clients = await self.admin.list_clients()
         roles = await self.admin.list_roles()
         wanted_users = set()
@@ -164,9 +197,10 @@ class Provisioner:
                     cmds.append({"command": "disableClient", "username": user})
                 counts["created"] += 1
                 continue
-            if role not in client.roles or client.clientid != user:
+            if set(client.roles) != {role} or client.groups or client.clientid != user:
+                # Exactly its own role and no group: anything more is a privilege it must not have.
                 cmds.append({"command": "modifyClient", "username": user, "clientid": user,
-                             "roles": [{"rolename": role}]})
+                             "roles": [{"rolename": role}], "groups": []})
                 counts["acl_fixed"] += 1
             if client.disabled == r["enabled"]:
                 cmds.append({"command": "enableClient" if r["enabled"] else "disableClient", "username": user})

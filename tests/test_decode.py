@@ -102,3 +102,27 @@ def test_stamped_round_trip(values: dict[str, float], offset_ms: int) -> None:
     rows = dec.telemetry(json.dumps({"ts": ms, "values": values}).encode(), NOW)
     assert {m: v for _, m, v, _ in rows} == {k: float(v) for k, v in values.items()}
     assert {w for w, _, _, _ in rows} == {datetime.fromtimestamp(ms / 1000, UTC)}
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"ts": 1' + b"0" * 400 + b', "values": {"a": 1}}',
+    b'[{"ts": -1' + b"0" * 400 + b', "values": {"a": 1}}]',
+])
+def test_huge_integer_timestamps_are_rejected_not_raised(payload: bytes) -> None:
+    with pytest.raises(Rejected, match="out of range"):
+        dec.telemetry(payload, NOW)
+
+
+def test_huge_integer_event_timestamp_is_rejected_not_raised() -> None:
+    with pytest.raises(Rejected, match="out of range"):
+        dec.event(b'{"type": "x", "ts": 1' + b"0" * 400 + b"}", NOW)
+
+
+def test_a_name_given_twice_by_flattening_is_rejected() -> None:
+    with pytest.raises(Rejected, match="given twice"):
+        dec.telemetry(b'{"a.b": 1, "a": {"b": 2}}', NOW)
+
+
+def test_devices_cannot_forge_presence_events() -> None:
+    with pytest.raises(Rejected, match="reserved"):
+        dec.event(b'{"type": "status", "data": {"status": "online"}}', NOW)
