@@ -32,7 +32,7 @@ def _settings(env: Mapping[str, str] | None = None) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     from lms_cli.stack import LocalStack
 
-    stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port)
+    stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port, api_port=args.api_port)
     return stack.run()
 
 
@@ -79,6 +79,46 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         await run(settings, stop)
 
     asyncio.run(main())
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from api.app import create_app
+    from lms_cli.localstack import port_free
+    from lms_core import logs
+
+    settings = _settings()
+    logs.setup(settings.log_level)
+    if not port_free(settings.api.port, settings.api.host):
+        raise StackError(f"port {settings.api.port} (API) is already in use")
+    uvicorn.run(create_app(settings), host=settings.api.host, port=settings.api.port, log_config=None,
+                access_log=False, server_header=False, proxy_headers=False)
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from api.auth.service import AuthService
+    from lms_core import db
+
+    settings = _settings()
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise StackError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+
+    async def main() -> int:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
+            return await AuthService(pool, settings.api, settings.secret_key).create_user(
+                args.email, password, superuser=args.superuser)
+
+    user_id = asyncio.run(main())
+    print(f"user {args.email} created (id {user_id}{', superuser' if args.superuser else ''})")
     return 0
 
 
@@ -185,10 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     state_default = os.environ.get("LMS_STATE_DIR", ".lms")
 
-    up = sub.add_parser("up", help="start the whole local stack (Mosquitto, PostgreSQL, bridge)")
+    up = sub.add_parser("up", help="start the whole local stack (Mosquitto, PostgreSQL, bridge, API)")
     up.add_argument("--state", default=state_default, help="state folder (default: .lms)")
     up.add_argument("--mqtt-port", type=_port, help="MQTT port (default 1883, or a free one on first start)")
     up.add_argument("--pg-port", type=_port, help="PostgreSQL port (default 5432, or a free one on first start)")
+    up.add_argument("--api-port", type=_port, help="API port (default 8000, or a free one on first start)")
     up.set_defaults(fn=cmd_up)
 
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")
@@ -198,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
     sub.add_parser("bridge", help="run one bridge process (LMS_DATABASE_URL, LMS_MQTT_URL)").set_defaults(
         fn=cmd_bridge)
+    sub.add_parser("api", help="run one API process (LMS_API_HOST:LMS_API_PORT)").set_defaults(fn=cmd_api)
+    user = sub.add_parser("user", help="manage user accounts")
+    usub = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    uc = usub.add_parser("create", help="create a user; the password is read from a prompt or stdin")
+    uc.add_argument("email")
+    uc.add_argument("--superuser", action="store_true", help="platform superuser (all organizations)")
+    uc.set_defaults(fn=cmd_user)
     sub.add_parser("reconcile", help="bring the broker's credentials in line with the database").set_defaults(
         fn=cmd_reconcile)
 

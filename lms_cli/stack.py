@@ -61,6 +61,7 @@ def settings_env(state_dir: Path | None = None) -> dict[str, str]:
         "LMS_DEVICE_MQTT_URL": f"mqtt://127.0.0.1:{state['mqtt_port']}",
         "LMS_SECRET_KEY": state["secret_key"],
         "LMS_BRIDGE_METRICS_PORT": str(state["bridge_metrics_port"]),
+        **({"LMS_API_PORT": str(state["api_port"])} if "api_port" in state else {}),
     }
 
 
@@ -79,9 +80,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 class LocalStack:
-    def __init__(self, state_dir: Path, *, mqtt_port: int | None = None, pg_port: int | None = None) -> None:
+    def __init__(self, state_dir: Path, *, mqtt_port: int | None = None, pg_port: int | None = None,
+                 api_port: int | None = None) -> None:
         self.dir = state_dir.resolve()
-        self.want_mqtt, self.want_pg = mqtt_port, pg_port
+        self.want_mqtt, self.want_pg, self.want_api = mqtt_port, pg_port, api_port
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping = False
 
@@ -100,20 +102,31 @@ class LocalStack:
                 "mqtt_port": _pick_port(self.want_mqtt, 1883, "MQTT"),
                 "pg_port": _pick_port(self.want_pg, 5432, "PostgreSQL"),
                 "bridge_metrics_port": _pick_port(None, 9101, "bridge metrics"),
+                "api_port": _pick_port(self.want_api, 8000, "API"),
+                "admin_email": "admin@example.com",
+                "admin_password": new_password(),
                 "pg_password": new_password(),
                 "service_password": new_password(),
                 "secret_key": secrets.token_urlsafe(48),
             }
-            fd = os.open(self.dir / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(state, f, indent=2)
+            self._save(state)
         else:
             print(f"reusing the stack in {self.dir}", flush=True)
-            for key, wanted in (("mqtt_port", self.want_mqtt), ("pg_port", self.want_pg)):
+            if "api_port" not in state:  # a state folder from before the API
+                state["api_port"] = _pick_port(self.want_api, 8000, "API")
+                state["admin_email"], state["admin_password"] = "admin@example.com", new_password()
+                self._save(state)
+            for key, wanted in (("mqtt_port", self.want_mqtt), ("pg_port", self.want_pg),
+                                ("api_port", self.want_api)):
                 if wanted is not None and wanted != state[key]:
                     raise StackError(f"this stack was created with {key.replace('_', ' ')} {state[key]}; "
                                      f"drop --{key.replace('_', '-')} or use another --state folder")
         return state
+
+    def _save(self, state: dict[str, Any]) -> None:
+        fd = os.open(self.dir / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, indent=2)
 
     def _lock(self) -> Any:
         lock = open(self.dir / "lock", "w")
@@ -148,10 +161,14 @@ class LocalStack:
             pg.start()
             pg.create_database()
             self._migrate(pg.url)
+            self._ensure_admin(pg.url, state)
             mq.init()
             print(f"starting Mosquitto on 127.0.0.1:{mq.port} ...", flush=True)
             mq.start()
+            if not port_free(state["api_port"]):
+                raise StackError(f"port {state['api_port']} (API) is already in use")
             self._start_bridge(env)
+            self._start_api(env, state["api_port"])
             self._banner(state)
             self._supervise(pg, mq, env)
         except KeyboardInterrupt:
@@ -159,13 +176,14 @@ class LocalStack:
         finally:
             self._stopping = True
             print("\nstopping ...", flush=True)
-            bridge = self.children.get("bridge")
-            if bridge is not None and bridge.poll() is None:
-                bridge.send_signal(signal.SIGTERM)
+            for child in self.children.values():
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in self.children.values():
                 try:
-                    bridge.wait(30)
+                    child.wait(30)
                 except subprocess.TimeoutExpired:
-                    bridge.kill()
+                    child.kill()
             mq.stop()
             pg.stop()
             print("stopped", flush=True)
@@ -181,13 +199,43 @@ class LocalStack:
 
         asyncio.run(main())
 
-    def _start_bridge(self, env: dict[str, str]) -> None:
-        log = open(self.dir / "bridge.log", "ab")
-        self.children["bridge"] = subprocess.Popen(
-            [sys.executable, "-m", "lms_cli.main", "bridge"], env=env, stdout=log, stderr=subprocess.STDOUT,
+    def _start_child(self, name: str, env: dict[str, str]) -> None:
+        log = open(self.dir / f"{name}.log", "ab")  # handed to the child, closed here
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", "lms_cli.main", name], env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
         log.close()
+
+    def _start_bridge(self, env: dict[str, str]) -> None:
+        self._start_child("bridge", env)
+
+    def _start_api(self, env: dict[str, str], port: int) -> None:
+        self._start_child("api", env)
+        proc = self.children["api"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            if not port_free(port):
+                return
+            time.sleep(0.1)
+        raise StackError(f"the API did not start; see {self.dir}/api.log")
+
+    @staticmethod
+    def _ensure_admin(url: str, state: dict[str, Any]) -> None:
+        from api.auth.service import AuthService
+        from lms_core.errors import AlreadyExists
+        from lms_core.settings import ApiSettings
+
+        async def main() -> None:
+            async with db.create_pool(url, min_size=1, max_size=2) as pool:
+                try:
+                    await AuthService(pool, ApiSettings(), state["secret_key"]).create_user(
+                        state["admin_email"], state["admin_password"], superuser=True)
+                    print(f"  created the superuser {state['admin_email']}", flush=True)
+                except AlreadyExists:
+                    pass
+
+        asyncio.run(main())
 
     def _banner(self, s: dict[str, Any]) -> None:
         lms = "./lms" if Path("lms").is_file() and os.access("lms", os.X_OK) else "lms"
@@ -196,6 +244,8 @@ LMS Core is running (state in {self.dir})
   MQTT broker   mqtt://127.0.0.1:{s['mqtt_port']}   (log: {self.dir}/mosquitto.log)
   PostgreSQL    postgresql://lms@127.0.0.1:{s['pg_port']}/lms
   bridge        metrics http://127.0.0.1:{s['bridge_metrics_port']}/metrics   (log: {self.dir}/bridge.log)
+  API           http://127.0.0.1:{s['api_port']}   OpenAPI: http://127.0.0.1:{s['api_port']}/schema
+                superuser {s['admin_email']} / {s['admin_password']}
 
 Provision a device and publish as it:
   {lms} device create acme sensor-1
@@ -229,3 +279,6 @@ ready — Ctrl-C stops everything""", flush=True)
             bridge = self.children.get("bridge")
             if bridge is not None and bridge.poll() is not None:
                 restart("bridge", lambda: self._start_bridge(env))
+            api = self.children.get("api")
+            if api is not None and api.poll() is not None:
+                restart("API", lambda: self._start_child("api", env))

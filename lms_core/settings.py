@@ -91,6 +91,22 @@ class BridgeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiSettings:
+    host: str = "127.0.0.1"  # LMS_API_HOST
+    port: int = 8000  # LMS_API_PORT
+    registration: bool = True  # LMS_API_REGISTRATION: self-service sign-up (on|off)
+    cors_origins: tuple[str, ...] = ()  # LMS_API_CORS_ORIGINS: comma-separated; empty = no CORS
+    cookie_secure: bool = False  # LMS_API_COOKIE_SECURE: set the Secure flag (default: on in production)
+    access_ttl_s: int = 3600  # LMS_API_ACCESS_TTL_SECONDS: a login without "remember me"
+    remember_ttl_s: int = 30 * 86400  # LMS_API_REMEMBER_TTL_SECONDS: a login with "remember me"
+    # Failed logins tolerated per account and per client address within the window before
+    # answering 429: enough for typos, far too few for guessing.
+    login_max_failures: int = 5  # LMS_LOGIN_MAX_FAILURES
+    login_address_max_failures: int = 20  # LMS_LOGIN_ADDRESS_MAX_FAILURES
+    login_window_s: int = 900  # LMS_LOGIN_WINDOW_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str  # LMS_DATABASE_URL
     mqtt: MqttUrl  # LMS_MQTT_URL (the platform service account)
@@ -101,6 +117,7 @@ class Settings:
     log_level: str = "INFO"  # LMS_LOG_LEVEL
     limits: Limits = field(default_factory=Limits)
     bridge: BridgeSettings = field(default_factory=BridgeSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -155,6 +172,23 @@ class Settings:
             metrics_port=_int(env, "LMS_BRIDGE_METRICS_PORT", _BRIDGE.metrics_port, 0, 65535),
             metrics_host=env.get("LMS_BRIDGE_METRICS_HOST", _BRIDGE.metrics_host),
         )
+        origins = tuple(o.strip() for o in env.get("LMS_API_CORS_ORIGINS", "").split(",") if o.strip())
+        for origin in origins:
+            if not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise SettingsError(f"LMS_API_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com")
+        api = ApiSettings(
+            host=env.get("LMS_API_HOST", _API.host),
+            port=_int(env, "LMS_API_PORT", _API.port, 1, 65535),
+            registration=_choice(env, "LMS_API_REGISTRATION", "on", ("on", "off")) == "on",
+            cors_origins=origins,
+            cookie_secure=_choice(env, "LMS_API_COOKIE_SECURE", "on" if production else "off", ("on", "off")) == "on",
+            access_ttl_s=_int(env, "LMS_API_ACCESS_TTL_SECONDS", _API.access_ttl_s, 10, 86400),
+            remember_ttl_s=_int(env, "LMS_API_REMEMBER_TTL_SECONDS", _API.remember_ttl_s, 60, 365 * 86400),
+            login_max_failures=_int(env, "LMS_LOGIN_MAX_FAILURES", _API.login_max_failures, 1, 1000),
+            login_address_max_failures=_int(env, "LMS_LOGIN_ADDRESS_MAX_FAILURES", _API.login_address_max_failures,
+                                             1, 100_000),
+            login_window_s=_int(env, "LMS_LOGIN_WINDOW_SECONDS", _API.login_window_s, 1, 86400),
+        )
         level = _choice(env, "LMS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
         return cls(
             database_url=db,
@@ -166,11 +200,13 @@ class Settings:
             log_level=level,
             limits=limits,
             bridge=bridge,
+            api=api,
         )
 
 
 _LIMITS = Limits()
 _BRIDGE = BridgeSettings()
+_API = ApiSettings()
 
 
 def _int(env: Mapping[str, str], var: str, default: int, lo: int, hi: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import BridgeProcess, Stack
+from tests.harness import ApiProcess, BridgeProcess, Stack
 
 _names = itertools.count(1)
 
@@ -36,6 +36,13 @@ def stack(tmp_root: Path) -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def bridge(stack: Stack) -> BridgeProcess:
     return stack.bridges[0]
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> ApiProcess:
+    """The API on the shared stack; login throttling tuned so a test can watch it recover."""
+    return stack.start_api(LMS_LOGIN_MAX_FAILURES="3", LMS_LOGIN_ADDRESS_MAX_FAILURES="1000",
+                           LMS_LOGIN_WINDOW_SECONDS="3")
 
 
 @pytest.fixture

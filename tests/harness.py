@@ -55,6 +55,7 @@ class Stack:
     pg: Postgres = field(init=False)
     mq: Mosquitto = field(init=False)
     bridges: list[BridgeProcess] = field(default_factory=list)
+    apis: list[ApiProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pg = Postgres(self.root / "postgres", free_port(), new_password(),
@@ -80,6 +81,8 @@ class Stack:
             await conn.close()
 
     def stop(self) -> None:
+        for a in self.apis:
+            a.stop()
         for b in self.bridges:
             b.stop()
         self.mq.stop()
@@ -109,6 +112,14 @@ class Stack:
         b.start()
         self.bridges.append(b)
         return b
+
+    def start_api(self, **overrides: str) -> ApiProcess:
+        port = free_port()
+        env = self.env(LMS_API_PORT=str(port), **overrides)
+        a = ApiProcess(env, self.root / f"api-{port}.log", port)
+        a.start()
+        self.apis.append(a)
+        return a
 
     # -- provisioning -----------------------------------------------------------------
 
@@ -193,6 +204,43 @@ class BridgeProcess:
         for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
             total += float(m.group(1))
         return total
+
+
+class ApiProcess:
+    """``lms api`` as a child process on 127.0.0.1:``port``."""
+
+    def __init__(self, env: dict[str, str], log: Path, port: int) -> None:
+        self.env = env
+        self.log = log
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lms_cli.main", "api"], env=self.env,
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"api exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(up, 30, f"the API on port {self.port}", interval=0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 # -- devices ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lms_cli.localstack import free_port
@@ -183,14 +184,20 @@ class UpProcess:
 
 def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    mqtt_port, pg_port = free_port(), free_port()
-    up = UpProcess(state, "--mqtt-port", str(mqtt_port), "--pg-port", str(pg_port))
+    mqtt_port, pg_port, api_port = free_port(), free_port(), free_port()
+    up = UpProcess(state, "--mqtt-port", str(mqtt_port), "--pg-port", str(pg_port), "--api-port", str(api_port))
     try:
         up.wait_ready()
         out = up.text()
         assert "creating a new stack" in out
         assert f"mqtt://127.0.0.1:{mqtt_port}" in out
         assert "device create acme sensor-1" in out and "mosquitto_pub" in out and "mosquitto_sub" in out
+        assert f"http://127.0.0.1:{api_port}" in out
+        admin = json.loads((state / "stack.json").read_text())
+        assert f"superuser {admin['admin_email']} / {admin['admin_password']}" in out
+        login = httpx.post(f"http://127.0.0.1:{api_port}/api/v1/auth/login",
+                           json={"email": admin["admin_email"], "password": admin["admin_password"]}, timeout=10)
+        assert login.status_code == 200 and login.json()["user"]["is_superuser"] is True
 
         env_out = run_lms("env", "--state", str(state))
         assert env_out.returncode == 0
@@ -227,6 +234,9 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         assert d.connect().value == 0
         d.close()
         assert subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1"
+        assert "created the superuser" not in again.text()
+        assert httpx.post(f"http://127.0.0.1:{api_port}/api/v1/auth/login", timeout=10,
+                          json={"email": admin["admin_email"], "password": admin["admin_password"]}).status_code == 200
     finally:
         assert again.interrupt() == 0, again.text()
 

@@ -1,0 +1,41 @@
+"""The API's composition root: settings in, a Litestar app out."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.openapi import OpenAPIConfig
+
+from api.auth.routes import AuthController
+from api.auth.service import AuthService
+from api.errors import HANDLERS
+from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
+from lms_core import db
+from lms_core.settings import Settings
+
+
+def create_app(settings: Settings) -> Litestar:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=10) as pool:
+            app.state.pool = pool
+            app.state.auth = AuthService(pool, settings.api, settings.secret_key)
+            yield
+
+    app = Litestar(
+        route_handlers=[AuthController, health, ready, metrics],
+        lifespan=[lifespan],
+        middleware=[request_id_middleware],
+        exception_handlers=HANDLERS,
+        cors_config=CORSConfig(allow_origins=list(settings.api.cors_origins), allow_credentials=True)
+        if settings.api.cors_origins else None,
+        openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema"),
+        request_max_body_size=1024 * 1024,
+        debug=False,
+    )
+    app.state.settings = settings
+    app.state.metrics = ApiMetrics()
+    return app

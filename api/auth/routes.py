@@ -1,0 +1,113 @@
+"""/api/v1/auth: register, login, logout, me, password."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import Cookie
+from litestar.di import Provide
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
+
+from api.auth.service import AuthService, InvalidCredentials, Principal, TooManyAttempts
+from api.deps import CSRF_COOKIE, SESSION_COOKIE, client_address, provide_auth, provide_principal, request_id
+from api.errors import error_response
+
+
+class Credentials(msgspec.Struct, forbid_unknown_fields=True):
+    email: str
+    password: str
+
+
+class LoginRequest(msgspec.Struct, forbid_unknown_fields=True):
+    email: str
+    password: str
+    remember: bool = False
+
+
+class PasswordChange(msgspec.Struct, forbid_unknown_fields=True):
+    current_password: str
+    new_password: str
+
+
+class User(msgspec.Struct):
+    id: int
+    email: str
+    is_superuser: bool
+
+
+class LoginResult(msgspec.Struct):
+    access_token: str
+    token_type: str
+    expires_at: int
+    user: User
+    csrf_token: str
+
+
+class AuthController(Controller):
+    path = "/api/v1/auth"
+    tags = ["auth"]
+    dependencies = {"auth": Provide(provide_auth)}
+
+    @post("/register", status_code=HTTP_201_CREATED)
+    async def register(self, request: Request[Any, Any, Any], data: Credentials, auth: AuthService) -> User:
+        """Create an account (if self-service registration is on: LMS_API_REGISTRATION)."""
+        if not auth.settings.registration:
+            raise PermissionDeniedException("registration is turned off; ask an administrator for an account")
+        user_id = await auth.create_user(data.email, data.password, address=client_address(request),
+                                         request_id=request_id(request))
+        return User(id=user_id, email=data.email.strip(), is_superuser=False)
+
+    @post("/login", status_code=200)
+    async def login(self, request: Request[Any, Any, Any], data: LoginRequest,
+                    auth: AuthService) -> Response[Any]:
+        """Exchange email and password for an access token, also set as an HTTP-only cookie.
+
+        ``remember``: the token and cookie last 30 days instead of 1 hour."""
+        try:
+            token, claims, user = await auth.login(data.email, data.password, remember=data.remember,
+                                                   address=client_address(request), request_id=request_id(request))
+        except TooManyAttempts as exc:
+            return error_response(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+        except InvalidCredentials as exc:
+            raise NotAuthorizedException(str(exc)) from None
+        csrf = secrets.token_urlsafe(24)
+        ttl = claims.expires_at - int(time.time())
+        secure = auth.settings.cookie_secure or request.url.scheme == "https"
+        cookies = [
+            Cookie(key=SESSION_COOKIE, value=token, httponly=True, samesite="lax", secure=secure, path="/",
+                   max_age=ttl),
+            Cookie(key=CSRF_COOKIE, value=csrf, httponly=False, samesite="lax", secure=secure, path="/",
+                   max_age=ttl),
+        ]
+        body = LoginResult(access_token=token, token_type="bearer", expires_at=claims.expires_at,
+                           user=User(**user), csrf_token=csrf)
+        return Response(body, cookies=cookies)
+
+    @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_principal)})
+    async def logout(self, request: Request[Any, Any, Any], me: Principal, auth: AuthService) -> Response[None]:
+        """Revoke the token used for this request and clear the cookies."""
+        await auth.logout(me, address=client_address(request), request_id=request_id(request))
+        return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[
+            Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/", httponly=True, samesite="lax"),
+            Cookie(key=CSRF_COOKIE, value="", max_age=0, path="/", samesite="lax"),
+        ])
+
+    @get("/me", dependencies={"me": Provide(provide_principal)})
+    async def me(self, me: Principal) -> User:
+        """The authenticated user."""
+        return User(id=me.user_id, email=me.email, is_superuser=me.is_superuser)
+
+    @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_principal)})
+    async def change_password(self, request: Request[Any, Any, Any], data: PasswordChange, me: Principal,
+                              auth: AuthService) -> None:
+        """Change the password; every token issued before (all sessions) stops working."""
+        try:
+            await auth.change_password(me, data.current_password, data.new_password,
+                                       address=client_address(request), request_id=request_id(request))
+        except InvalidCredentials as exc:
+            raise PermissionDeniedException(str(exc)) from None

@@ -1,0 +1,56 @@
+"""JWT access tokens: HS256 only, with a key derived from LMS_SECRET_KEY.
+
+Claims: ``sub`` (user id), ``jti`` (revocation on logout), ``ver`` (the user's token
+version; a password change bumps it and so revokes every older token), ``iat``, ``exp``.
+Decoding pins the algorithm list to HS256, which refuses ``none`` and any RS/ES token
+(no HS/RS confusion: there is no public key to confuse with).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import jwt
+
+ALGORITHM = "HS256"
+
+
+class InvalidToken(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    user_id: int
+    jti: str
+    version: int
+    expires_at: int
+
+
+def signing_key(secret: str) -> bytes:
+    # Its own key: the platform secret also derives device passwords.
+    return hmac.new(secret.encode(), b"lms access token v1", hashlib.sha256).digest()
+
+
+def issue(key: bytes, user_id: int, version: int, ttl_s: int) -> tuple[str, Claims]:
+    now = int(time.time())
+    claims = Claims(user_id=user_id, jti=secrets.token_urlsafe(16), version=version, expires_at=now + ttl_s)
+    token = jwt.encode({"sub": str(user_id), "jti": claims.jti, "ver": version, "iat": now,
+                        "exp": claims.expires_at, "typ": "access"}, key, algorithm=ALGORITHM)
+    return token, claims
+
+
+def decode(key: bytes, token: str) -> Claims:
+    try:
+        data = jwt.decode(token, key, algorithms=[ALGORITHM],
+                          options={"require": ["sub", "jti", "ver", "iat", "exp"]})
+        if data.get("typ") != "access":
+            raise InvalidToken("not an access token")
+        return Claims(user_id=int(data["sub"]), jti=str(data["jti"]), version=int(data["ver"]),
+                      expires_at=int(data["exp"]))
+    except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        raise InvalidToken(str(exc)) from None

@@ -1,0 +1,58 @@
+"""Dependencies shared by the routes: the caller, the services, the client's address."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from litestar import Request
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+
+from api.auth.service import AuthService, Principal
+
+SESSION_COOKIE = "lms_session"
+CSRF_COOKIE = "lms_csrf"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def client_address(request: Request[Any, Any, Any]) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def request_id(request: Request[Any, Any, Any]) -> str:
+    return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def provide_auth(request: Request[Any, Any, Any]) -> AuthService:
+    return request.app.state.auth  # type: ignore[no-any-return]
+
+
+async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+    """The authenticated caller, or 401.
+
+    A bearer token (programs) or the session cookie (browsers). A cookie-authenticated
+    request that changes state must also carry the CSRF cookie's value in X-CSRF-Token:
+    another site can make the browser send the cookie, but cannot read it to copy it.
+    """
+    auth: AuthService = request.app.state.auth
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise NotAuthorizedException("Authorization must be 'Bearer <token>'",
+                                         headers={"WWW-Authenticate": "Bearer"})
+        principal = await auth.principal(token.strip(), "bearer")
+    else:
+        token = request.cookies.get(SESSION_COOKIE, "")
+        if not token:
+            raise NotAuthorizedException("authentication required", headers={"WWW-Authenticate": "Bearer"})
+        principal = await auth.principal(token, "cookie")
+        if principal is not None and request.method not in SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER, "")
+            expected = request.cookies.get(CSRF_COOKIE, "")
+            if not sent or not expected or not hmac.compare_digest(sent, expected):
+                raise PermissionDeniedException("missing or wrong X-CSRF-Token header for a cookie session")
+    if principal is None:
+        raise NotAuthorizedException("invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    return principal

@@ -1,0 +1,68 @@
+"""Errors as JSON with one stable shape, everywhere:
+
+    {"error": {"status": 404, "code": "not_found", "message": "...", "details": [...]?},
+     "request_id": "..."}
+
+Domain errors of the shared core are translated here, and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from lms_core.errors import AlreadyExists, BrokerError, InvalidInput, LmsError, NotFound, StorageError
+
+log = logging.getLogger("lms.api")
+
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid",
+          429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+
+
+def error_response(request: Request[Any, Any, Any], status: int, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    body: dict[str, Any] = {"status": status, "code": _CODES.get(status, "error"), "message": message}
+    if details:
+        body["details"] = details
+    return Response({"error": body, "request_id": request.scope.get("state", {}).get("request_id", "")},
+                    status_code=status, headers=headers)
+
+
+def http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    details = exc.extra if isinstance(exc, ValidationException) else None
+    status = exc.status_code
+    message = exc.detail or _CODES.get(status, "error")
+    if status == 400 and details:
+        status = 422  # the body or query was understood but is not valid
+    return error_response(request, status, message, details, headers=exc.headers or None)
+
+
+def domain_exception(request: Request[Any, Any, Any], exc: LmsError) -> Response[dict[str, Any]]:
+    if isinstance(exc, NotFound):
+        return error_response(request, 404, str(exc))
+    if isinstance(exc, AlreadyExists):
+        return error_response(request, 409, str(exc))
+    if isinstance(exc, InvalidInput):
+        return error_response(request, 422, str(exc))
+    if isinstance(exc, StorageError | BrokerError):
+        log.error("dependency failed: %s", exc)
+        return error_response(request, 503, "a backing service is unavailable; try again")
+    log.error("unhandled domain error: %s", exc)
+    return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
+
+
+def unexpected_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
+
+
+HANDLERS: dict[Any, Any] = {
+    HTTPException: http_exception,
+    LmsError: domain_exception,
+    Exception: unexpected_exception,
+}

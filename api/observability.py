@@ -1,0 +1,91 @@
+"""Request ids, JSON access logs, /health, /ready and /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+log = logging.getLogger("lms.api.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("lms_api_requests", "HTTP requests", ["method", "status"], registry=r)
+        self.latency = Histogram("lms_api_request_seconds", "HTTP request latency", ["method"], registry=r)
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Give every request an id (the caller's ``X-Request-ID`` if sane), return it as a
+    header, log one JSON line per request."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics: ApiMetrics | None = getattr(scope["app"].state, "metrics", None)
+            if metrics is not None:
+                metrics.requests.labels(scope["method"], str(status)).inc()
+                metrics.latency.labels(scope["method"]).observe(elapsed)
+            log.info("request", extra={"request_id": rid, "method": scope["method"], "path": scope["path"],
+                                       "status": status, "ms": round(elapsed * 1000, 1)})
+
+    return middleware
+
+
+@get("/health", include_in_schema=False, sync_to_thread=False)
+def health() -> dict[str, str]:
+    """Alive: the process answers."""
+    return {"status": "ok"}
+
+
+@get("/ready", include_in_schema=False)
+async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
+    """Ready: the database answers a query and the broker accepts a TCP connection."""
+    state = request.app.state
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(state.pool.fetchval("SELECT 1"), 2)
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {exc.__class__.__name__}"
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(state.settings.mqtt.host, state.settings.mqtt.port), 2)
+        writer.close()
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {exc.__class__.__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return Response({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+
+@get("/metrics", include_in_schema=False)
+async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
