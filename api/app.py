@@ -9,10 +9,13 @@ from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
+from api.access import check_routes
 from api.auth.routes import AuthController
 from api.auth.service import AuthService
+from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
+from api.orgs import OrgController, OrgsController
 from lms_core import db
 from lms_core.settings import Settings
 
@@ -26,7 +29,7 @@ def create_app(settings: Settings) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=[AuthController, health, ready, metrics],
+        route_handlers=[AuthController, OrgsController, OrgController, DevicesController, health, ready, metrics],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=HANDLERS,
@@ -38,4 +41,5 @@ def create_app(settings: Settings) -> Litestar:
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
+    check_routes(app)
     return app

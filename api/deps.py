@@ -6,9 +6,15 @@ import hmac
 from typing import Any
 
 from litestar import Request
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 
 from api.auth.service import AuthService, Principal
+
+Req = Request[Any, Any, Any]
+Me = NamedDependency[Principal]
+Auth = NamedDependency[AuthService]
 
 SESSION_COOKIE = "lms_session"
 CSRF_COOKIE = "lms_csrf"
@@ -28,7 +34,7 @@ async def provide_auth(request: Request[Any, Any, Any]) -> AuthService:
     return request.app.state.auth  # type: ignore[no-any-return]
 
 
-async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
+async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     """The authenticated caller, or 401.
 
     A bearer token (programs) or the session cookie (browsers). A cookie-authenticated
@@ -48,7 +54,7 @@ async def provide_principal(request: Request[Any, Any, Any]) -> Principal:
         if not token:
             raise NotAuthorizedException("authentication required", headers={"WWW-Authenticate": "Bearer"})
         principal = await auth.principal(token, "cookie")
-        if principal is not None and request.method not in SAFE_METHODS:
+        if principal is not None and request.scope.get("method") not in SAFE_METHODS:
             sent = request.headers.get(CSRF_HEADER, "")
             expected = request.cookies.get(CSRF_COOKIE, "")
             if not sent or not expected or not hmac.compare_digest(sent, expected):

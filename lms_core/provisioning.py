@@ -82,7 +82,8 @@ class Provisioner:
             mqtt_url=self.mqtt_url,
         )
 
-    async def create_device(self, org: str, device: str, name: str = "") -> DeviceCredentials:
+    async def create_device(self, org: str, device: str, name: str = "", *, properties: str = "{}",
+                            tags: list[str] | None = None, create_org: bool = True) -> DeviceCredentials:
         """Create the organization if needed, the device and its broker credentials.
 
         The broker call runs inside the database transaction: if the broker refuses, the
@@ -94,15 +95,21 @@ class Provisioner:
         nonce = secrets.token_urlsafe(16)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
-            org_id = await conn.fetchval(
-                """INSERT INTO organizations (slug, name) VALUES ($1, $1)
-                   ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug RETURNING id""",
-                org,
-            )
+            if create_org:
+                org_id = await conn.fetchval(
+                    """INSERT INTO organizations (slug, name) VALUES ($1, $1)
+                       ON CONFLICT (slug) DO UPDATE SET slug = EXCLUDED.slug RETURNING id""",
+                    org,
+                )
+            else:
+                org_id = await conn.fetchval("SELECT id FROM organizations WHERE slug = $1", org)
+                if org_id is None:
+                    raise NotFound(f"organization {org} does not exist")
             device_id = await conn.fetchval(
-                """INSERT INTO devices (org_id, slug, name, credential_nonce) VALUES ($1, $2, $3, $4)
+                """INSERT INTO devices (org_id, slug, name, credential_nonce, properties, tags)
+                   VALUES ($1, $2, $3, $4, $5::jsonb, $6)
                    ON CONFLICT (org_id, slug) DO NOTHING RETURNING id""",
-                org_id, device, name or device, nonce,
+                org_id, device, name or device, nonce, properties, tags or [],
             )
             if device_id is None:
                 raise AlreadyExists(f"device {org}/{device} already exists")
@@ -146,6 +153,21 @@ class Provisioner:
             await _update_device(conn, org, device, "enabled = $3", enabled)
             await self.admin.set_device_enabled(org, device, enabled)
         log.info("device %s", "enabled" if enabled else "disabled", extra={"org": org, "device": device})
+
+    async def delete_device(self, org: str, device: str, *, purge: bool = False) -> None:
+        """Delete a device and its broker credentials; ``purge`` also deletes its data."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+            dev_id = await conn.fetchval(
+                """DELETE FROM devices d USING organizations o
+                   WHERE o.id = d.org_id AND o.slug = $1 AND d.slug = $2 RETURNING d.id""", org, device)
+            if dev_id is None:
+                raise NotFound(f"device {org}/{device} does not exist")
+            if purge:
+                await conn.execute("DELETE FROM readings WHERE device_id = $1", dev_id)
+                await conn.execute("DELETE FROM events WHERE device_id = $1", dev_id)
+            await self.admin.delete_device(org, device)
+        log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
 
     async def reconcile(self) -> dict[str, int]:
         """Make the broker's device clients and roles match the database.

@@ -7,14 +7,25 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.di import Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
-from api.auth.service import AuthService, InvalidCredentials, Principal, TooManyAttempts
-from api.deps import CSRF_COOKIE, SESSION_COOKIE, client_address, provide_auth, provide_principal, request_id
+from api.auth.service import InvalidCredentials, TooManyAttempts
+from api.deps import (
+    CSRF_COOKIE,
+    SESSION_COOKIE,
+    Auth,
+    Me,
+    Req,
+    client_address,
+    provide_auth,
+    provide_principal,
+    request_id,
+)
 from api.errors import error_response
 
 
@@ -54,7 +65,7 @@ class AuthController(Controller):
     dependencies = {"auth": Provide(provide_auth)}
 
     @post("/register", status_code=HTTP_201_CREATED)
-    async def register(self, request: Request[Any, Any, Any], data: Credentials, auth: AuthService) -> User:
+    async def register(self, request: Req, data: JSONBody[Credentials], auth: Auth) -> User:
         """Create an account (if self-service registration is on: LMS_API_REGISTRATION)."""
         if not auth.settings.registration:
             raise PermissionDeniedException("registration is turned off; ask an administrator for an account")
@@ -63,8 +74,8 @@ class AuthController(Controller):
         return User(id=user_id, email=data.email.strip(), is_superuser=False)
 
     @post("/login", status_code=200)
-    async def login(self, request: Request[Any, Any, Any], data: LoginRequest,
-                    auth: AuthService) -> Response[Any]:
+    async def login(self, request: Req, data: JSONBody[LoginRequest],
+                    auth: Auth) -> Response[Any]:
         """Exchange email and password for an access token, also set as an HTTP-only cookie.
 
         ``remember``: the token and cookie last 30 days instead of 1 hour."""
@@ -89,7 +100,7 @@ class AuthController(Controller):
         return Response(body, cookies=cookies)
 
     @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_principal)})
-    async def logout(self, request: Request[Any, Any, Any], me: Principal, auth: AuthService) -> Response[None]:
+    async def logout(self, request: Req, me: Me, auth: Auth) -> Response[None]:
         """Revoke the token used for this request and clear the cookies."""
         await auth.logout(me, address=client_address(request), request_id=request_id(request))
         return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[
@@ -98,13 +109,13 @@ class AuthController(Controller):
         ])
 
     @get("/me", dependencies={"me": Provide(provide_principal)})
-    async def me(self, me: Principal) -> User:
+    async def me(self, me: Me) -> User:
         """The authenticated user."""
         return User(id=me.user_id, email=me.email, is_superuser=me.is_superuser)
 
     @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_principal)})
-    async def change_password(self, request: Request[Any, Any, Any], data: PasswordChange, me: Principal,
-                              auth: AuthService) -> None:
+    async def change_password(self, request: Req, data: JSONBody[PasswordChange], me: Me,
+                              auth: Auth) -> None:
         """Change the password; every token issued before (all sessions) stops working."""
         try:
             await auth.change_password(me, data.current_password, data.new_password,

@@ -1,0 +1,89 @@
+"""Who may do what in an organization: the role matrix, written once, and the guard that
+enforces it on every route under ``/api/v1/orgs/{org}``.
+
+A route declares the permission it needs as ``opt={"perm": "..."}``; the app refuses to
+start if an organization route declares none (``check_routes``), so a new route cannot
+ship unguarded. Callers who are not members of the organization get 404, as if it did
+not exist; members without the permission get 403. Platform superusers may do anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from litestar import Litestar, Request
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.handlers import BaseRouteHandler
+
+from api.auth.service import Principal
+from api.deps import provide_principal
+
+ROLES = ("owner", "admin", "operator", "viewer", "technician")
+
+#: permission -> roles that hold it
+MATRIX: dict[str, frozenset[str]] = {
+    "org.read": frozenset(ROLES),
+    "org.manage": frozenset({"owner"}),
+    "members.manage": frozenset({"owner", "admin"}),
+    "devices.read": frozenset(ROLES),
+    "devices.write": frozenset({"owner", "admin"}),
+    "commands.send": frozenset({"owner", "admin", "operator"}),
+    "rules.manage": frozenset({"owner", "admin"}),
+    "data.read": frozenset(ROLES),
+    "quarantine.read": frozenset({"owner", "admin"}),
+    "mqtt_credentials.manage": frozenset({"owner", "admin", "technician"}),
+    "audit.read": frozenset({"owner", "admin"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OrgAccess:
+    """The organization a request is about and the caller's role in it."""
+
+    org_id: int
+    slug: str
+    role: str  # "superuser" for platform superusers who are not members
+    principal: Principal
+
+
+Access = NamedDependency[OrgAccess]
+
+
+async def org_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    perm = handler.opt.get("perm")
+    if perm not in MATRIX:
+        raise PermissionDeniedException("route has no permission declared")  # check_routes prevents this
+    principal = await provide_principal(connection)
+    slug = connection.path_params.get("org", "")
+    row = await connection.app.state.pool.fetchrow(
+        """SELECT o.id, m.role FROM organizations o
+           LEFT JOIN memberships m ON m.org_id = o.id AND m.user_id = $2
+           WHERE o.slug = $1""",
+        slug, principal.user_id,
+    )
+    if row is None or (row["role"] is None and not principal.is_superuser):
+        raise NotFoundException(f"organization {slug!r} not found")
+    role = row["role"] or "superuser"
+    if role != "superuser" and role not in MATRIX[perm]:
+        raise PermissionDeniedException(f"the {role} role may not do this ({perm})")
+    connection.scope.setdefault("state", {})["org_access"] = OrgAccess(row["id"], slug, role, principal)
+
+
+async def provide_org(request: Request[Any, Any, Any]) -> OrgAccess:
+    return request.scope["state"]["org_access"]  # type: ignore[no-any-return]
+
+
+def check_routes(app: Litestar) -> None:
+    """Refuse to start with an organization route that declares no permission."""
+    for route in app.routes:
+        if not route.path.startswith("/api/v1/orgs/{org"):
+            continue
+        for handler in getattr(route, "route_handlers", []):
+            if set(handler.http_methods) == {"OPTIONS"}:
+                continue  # Litestar's automatic OPTIONS answer, which reveals nothing
+            if handler.opt.get("perm") not in MATRIX:
+                raise RuntimeError(f"{route.path} ({', '.join(sorted(handler.http_methods))}) declares no "
+                                   f"permission: add opt={{'perm': ...}} from api.access.MATRIX")
