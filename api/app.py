@@ -12,6 +12,7 @@ from litestar.openapi import OpenAPIConfig
 from api.access import check_routes
 from api.auth.routes import AuthController
 from api.auth.service import AuthService
+from api.data import DataController
 from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
@@ -29,7 +30,8 @@ def create_app(settings: Settings) -> Litestar:
             yield
 
     app = Litestar(
-        route_handlers=[AuthController, OrgsController, OrgController, DevicesController, health, ready, metrics],
+        route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
+                        health, ready, metrics],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=HANDLERS,

@@ -1,0 +1,279 @@
+"""Readings, aggregates, latest values, events, exports and the quarantine.
+
+Every query is per device and rides the unique index (device_id, metric, time DESC);
+aggregates use ``date_bin`` (plain PostgreSQL and TimescaleDB alike). Raw lists page by
+keyset (an opaque cursor), never by offset. Exports stream from a server-side cursor.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, get
+from litestar.di import Provide
+from litestar.exceptions import NotFoundException
+from litestar.params import FromPath, QueryParameter
+from litestar.response import Stream
+
+from api.access import Access, org_guard, provide_org
+from api.deps import Req
+from lms_core.errors import InvalidInput
+
+MAX_SPAN = timedelta(days=400)
+MAX_BUCKETS = 20_000
+_BUCKET = re.compile(r"(\d{1,5})(s|m|h|d)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+AGGREGATES = ("avg", "min", "max", "count", "last")
+
+Metrics = Annotated[list[str] | None, QueryParameter(name="metric", description="repeat for several", max_items=50)]
+Start = Annotated[datetime | None, QueryParameter(name="from", description="RFC 3339; default: 24 h before 'to'")]
+End = Annotated[datetime | None, QueryParameter(name="to", description="RFC 3339, exclusive; default: now")]
+Limit = Annotated[int, QueryParameter(ge=1, le=10_000)]
+
+
+class Reading(msgspec.Struct):
+    time: datetime
+    metric: str
+    value: float | None
+    text: str | None
+
+
+class ReadingPage(msgspec.Struct):
+    items: list[Reading]
+    next: str | None
+
+
+class Bucket(msgspec.Struct, omit_defaults=True):
+    bucket: datetime
+    metric: str
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    count: int | None = None
+    last: float | None = None
+
+
+class Event(msgspec.Struct):
+    time: datetime
+    type: str
+    data: dict[str, Any]
+
+
+class EventPage(msgspec.Struct):
+    items: list[Event]
+    next: str | None
+
+
+class Quarantined(msgspec.Struct):
+    id: int
+    received_at: datetime
+    topic: str
+    device: str | None
+    reason: str
+    payload: str  # base64: payloads are not always text
+    size: int
+
+
+class QuarantinePage(msgspec.Struct):
+    items: list[Quarantined]
+    next: int | None
+
+
+def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    end = _aware(end) if end else datetime.now(UTC)
+    start = _aware(start) if start else end - timedelta(days=1)
+    if start >= end:
+        raise InvalidInput("'from' must be before 'to'")
+    if end - start > MAX_SPAN:
+        raise InvalidInput(f"the time range may span at most {MAX_SPAN.days} days")
+    return start, end
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _cursor(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts, default=str).encode()).decode()
+
+
+def _uncursor(cursor: str | None, n: int) -> list[Any] | None:
+    if not cursor:
+        return None
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not isinstance(parts, list) or len(parts) != n:
+            raise ValueError
+        return parts
+    except (ValueError, TypeError):
+        raise InvalidInput("the cursor is not one this API issued") from None
+
+
+def parse_bucket(text: str) -> timedelta:
+    m = _BUCKET.fullmatch(text)
+    if not m:
+        raise InvalidInput("bucket must look like 30s, 5m, 1h or 1d")
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if not 1 <= seconds <= 86400:
+        raise InvalidInput("bucket must be between 1s and 1d")
+    return timedelta(seconds=seconds)
+
+
+class DataController(Controller):
+    path = "/api/v1/orgs/{org:str}"
+    tags = ["data"]
+    guards = [org_guard]
+    dependencies = {"access": Provide(provide_org)}
+
+    @staticmethod
+    async def _device_id(request: Req, access: Access, device: str) -> int:
+        dev_id = await request.app.state.pool.fetchval(
+            "SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
+        if dev_id is None:
+            raise NotFoundException(f"device {device!r} not found")
+        return int(dev_id)
+
+    @get("/devices/{device:str}/readings", opt={"perm": "data.read"})
+    async def readings(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
+                       start: Start = None, end: End = None, limit: Limit = 1000,
+                       cursor: Annotated[str | None, QueryParameter(max_length=500)] = None) -> ReadingPage:
+        """Raw readings in time order (then metric); pass ``next`` back as ``cursor`` for more."""
+        dev_id = await self._device_id(request, access, device)
+        t0, t1 = _window(start, end)
+        after = _uncursor(cursor, 2)
+        after_t = datetime.fromisoformat(after[0]) if after else None
+        rows = await request.app.state.pool.fetch(
+            """SELECT time, metric, value, text_value FROM readings
+               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($4::text[] IS NULL OR metric = ANY ($4))
+                 AND ($5::timestamptz IS NULL OR (time, metric) > ($5, $6::text))
+               ORDER BY time, metric LIMIT $7""",
+            dev_id, t0, t1, metric, after_t, after[1] if after else None, limit + 1)
+        items = [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"])
+                 for r in rows[:limit]]
+        nxt = _cursor(items[-1].time.isoformat(), items[-1].metric) if len(rows) > limit else None
+        return ReadingPage(items=items, next=nxt)
+
+    @get("/devices/{device:str}/readings/aggregate", opt={"perm": "data.read"})
+    async def aggregate(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
+                        start: Start = None, end: End = None,
+                        bucket: Annotated[str, QueryParameter(description="1s .. 1d, e.g. 5m")] = "5m",
+                        fn: Annotated[list[str] | None, QueryParameter(
+                            description="avg, min, max, count, last (repeat); default all")] = None) -> list[Bucket]:
+        """Per bucket and metric: avg, min, max, count and last value (``date_bin``)."""
+        dev_id = await self._device_id(request, access, device)
+        t0, t1 = _window(start, end)
+        width = parse_bucket(bucket)
+        if (t1 - t0) / width > MAX_BUCKETS:
+            raise InvalidInput(f"more than {MAX_BUCKETS} buckets: widen the bucket or narrow the range")
+        wanted = fn or list(AGGREGATES)
+        bad = [f for f in wanted if f not in AGGREGATES]
+        if bad:
+            raise InvalidInput(f"unknown aggregate {bad[0]!r}; use {', '.join(AGGREGATES)}")
+        rows = await request.app.state.pool.fetch(
+            """SELECT date_bin($4::interval, time, $2) AS bucket, metric, avg(value) AS avg, min(value) AS min,
+                      max(value) AS max, count(*) AS count,
+                      (array_agg(value ORDER BY time DESC))[1] AS last
+               FROM readings
+               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($5::text[] IS NULL OR metric = ANY ($5))
+               GROUP BY 1, 2 ORDER BY 1, 2""",
+            dev_id, t0, t1, width, metric)
+        return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
+
+    @get("/devices/{device:str}/latest", opt={"perm": "data.read"})
+    async def latest(self, request: Req, access: Access, device: FromPath[str]) -> list[Reading]:
+        """The newest reading of each metric of the device."""
+        dev_id = await self._device_id(request, access, device)
+        # A loose index scan: one index probe per metric, however many rows a metric has.
+        rows = await request.app.state.pool.fetch(
+            """WITH RECURSIVE m(metric) AS (
+                   (SELECT metric FROM readings WHERE device_id = $1 ORDER BY metric LIMIT 1)
+                   UNION ALL
+                   SELECT (SELECT r.metric FROM readings r WHERE r.device_id = $1 AND r.metric > m.metric
+                           ORDER BY r.metric LIMIT 1)
+                   FROM m WHERE m.metric IS NOT NULL)
+               SELECT l.* FROM m CROSS JOIN LATERAL (
+                   SELECT time, metric, value, text_value FROM readings r
+                   WHERE r.device_id = $1 AND r.metric = m.metric ORDER BY time DESC LIMIT 1) l
+               WHERE m.metric IS NOT NULL ORDER BY l.metric""",
+            dev_id)
+        return [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"]) for r in rows]
+
+    @get("/devices/{device:str}/events", opt={"perm": "data.read"})
+    async def events(self, request: Req, access: Access, device: FromPath[str],
+                     type: Annotated[str | None, QueryParameter(max_length=64)] = None,
+                     start: Start = None, end: End = None, limit: Limit = 1000,
+                     cursor: Annotated[str | None, QueryParameter(max_length=500)] = None) -> EventPage:
+        """Events in time order; pass ``next`` back as ``cursor`` for more."""
+        dev_id = await self._device_id(request, access, device)
+        t0, t1 = _window(start, end)
+        after = _uncursor(cursor, 2)
+        rows = await request.app.state.pool.fetch(
+            """SELECT time, type, data FROM events
+               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($4::text IS NULL OR type = $4)
+                 AND ($5::timestamptz IS NULL OR (time, type) > ($5, $6::text))
+               ORDER BY time, type LIMIT $7""",
+            dev_id, t0, t1, type, datetime.fromisoformat(after[0]) if after else None,
+            after[1] if after else None, limit + 1)
+        items = [Event(time=r["time"], type=r["type"], data=json.loads(r["data"])) for r in rows[:limit]]
+        nxt = _cursor(items[-1].time.isoformat(), items[-1].type) if len(rows) > limit else None
+        return EventPage(items=items, next=nxt)
+
+    @get("/devices/{device:str}/export", opt={"perm": "data.read"})
+    async def export(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
+                     start: Start = None, end: End = None,
+                     format: Annotated[str, QueryParameter(pattern="^(csv|json)$")] = "csv") -> Stream:
+        """All readings of the range, streamed as CSV or JSON lines (never held in memory)."""
+        dev_id = await self._device_id(request, access, device)
+        t0, t1 = _window(start, end)
+        pool = request.app.state.pool
+
+        async def rows() -> AsyncIterator[bytes]:
+            if format == "csv":
+                yield b"time,metric,value,text\r\n"
+            async with pool.acquire() as conn, conn.transaction():
+                batch: list[str] = []
+                async for r in conn.cursor(
+                        """SELECT time, metric, value, text_value FROM readings
+                           WHERE device_id = $1 AND time >= $2 AND time < $3
+                             AND ($4::text[] IS NULL OR metric = ANY ($4)) ORDER BY time, metric""",
+                        dev_id, t0, t1, metric, prefetch=2000):
+                    if format == "csv":
+                        buf = io.StringIO()
+                        csv.writer(buf).writerow([r["time"].isoformat(), r["metric"],
+                                                  "" if r["value"] is None else repr(r["value"]),
+                                                  r["text_value"] or ""])
+                        batch.append(buf.getvalue())
+                    else:
+                        batch.append(json.dumps({"time": r["time"].isoformat(), "metric": r["metric"],
+                                                 "value": r["value"], "text": r["text_value"]}) + "\n")
+                    if len(batch) >= 2000:
+                        yield "".join(batch).encode()
+                        batch.clear()
+                if batch:
+                    yield "".join(batch).encode()
+
+        media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
+        name = f"{access.slug}-{device}.{'csv' if format == 'csv' else 'jsonl'}"
+        return Stream(rows(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+    @get("/quarantine", opt={"perm": "quarantine.read"})
+    async def quarantine(self, request: Req, access: Access, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+                         before: Annotated[int | None, QueryParameter(ge=1, description="id to continue below")] = None,
+                         ) -> QuarantinePage:
+        """What the bridge refused for this organization, newest first, and why."""
+        rows = await request.app.state.pool.fetch(
+            """SELECT id, received_at, topic, device_slug, reason, payload FROM quarantine
+               WHERE org_slug = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
+            access.slug, before, limit + 1)
+        items = [Quarantined(id=r["id"], received_at=r["received_at"], topic=r["topic"], device=r["device_slug"],
+                             reason=r["reason"], payload=base64.b64encode(r["payload"][:65536]).decode(),
+                             size=len(r["payload"])) for r in rows[:limit]]
+        return QuarantinePage(items=items, next=items[-1].id if len(rows) > limit else None)
