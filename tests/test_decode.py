@@ -7,13 +7,16 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.decode import Rejected, TelemetryDecoder
 from lms_core.settings import Limits
 
 NOW = time.time()
+# The suite runs bridges and APIs beside these tests on two cores: slow generation is the
+# machine's load, not a problem of the strategy.
+SLOW_BOX = [HealthCheck.too_slow, HealthCheck.data_too_large]
 dec = TelemetryDecoder(Limits())
 
 
@@ -63,7 +66,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, suppress_health_check=SLOW_BOX)
 @given(json_values)
 def test_any_json_is_rows_or_a_reason_never_a_crash(doc: object) -> None:
     payload = json.dumps(doc).encode()
@@ -78,7 +81,7 @@ def test_any_json_is_rows_or_a_reason_never_a_crash(doc: object) -> None:
         assert "\x00" not in metric and (text is None or "\x00" not in text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=SLOW_BOX)
 @given(st.binary(max_size=300))
 def test_any_bytes_are_rows_or_a_reason(payload: bytes) -> None:
     for fn in (dec.telemetry, dec.event):
@@ -92,7 +95,7 @@ def test_any_bytes_are_rows_or_a_reason(payload: bytes) -> None:
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=SLOW_BOX)
 @given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
                        st.floats(allow_nan=False, allow_infinity=False) | st.integers(-2**53, 2**53),
                        min_size=1, max_size=20),
