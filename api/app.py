@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
+from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
 
@@ -27,11 +29,17 @@ def create_app(settings: Settings) -> Litestar:
         async with db.create_pool(settings.database_url, min_size=1, max_size=10) as pool:
             app.state.pool = pool
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
-            yield
+            sweeper = asyncio.create_task(expiry_sweeper(app), name="technician expiry sweep")
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
 
     app = Litestar(
         route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
-                        health, ready, metrics],
+                        TechniciansController, health, ready, metrics],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=HANDLERS,
@@ -40,6 +48,7 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema"),
         request_max_body_size=1024 * 1024,
         debug=False,
+        logging_config=None,  # lms_core.logs: one JSON line per record, like the bridge
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()

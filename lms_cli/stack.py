@@ -153,6 +153,9 @@ class LocalStack:
         mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"])
         env = {**os.environ, **settings_env(self.dir)}
         signal.signal(signal.SIGTERM, _interrupt)
+        # Started in the background of a non-interactive shell, SIGINT arrives ignored;
+        # Ctrl-C and `kill -INT` must stop the stack all the same.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             if not pg.initialized():
                 print("initializing PostgreSQL ...", flush=True)

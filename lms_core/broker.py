@@ -54,6 +54,19 @@ def is_device_client(username: str, roles: tuple[str, ...]) -> bool:
     return bool(_DEVICE_USER.fullmatch(username)) and any(r.startswith(DEVICE_ROLE_PREFIX) for r in roles)
 
 
+TECH_ROLE_PREFIX = "tech."
+
+
+def tech_rolename(org: str) -> str:
+    return f"{TECH_ROLE_PREFIX}{org}"
+
+
+def tech_acls(topics: TopicScheme, org: str) -> list[dict[str, Any]]:
+    """A field technician's ACL: subscribe (and so read) everything of one organization,
+    publish nothing (the default ACL denies it)."""
+    return [{"acltype": "subscribePattern", "topic": f"{topics.root}/{org}/#", "priority": 0, "allow": True}]
+
+
 def device_acls(topics: TopicScheme, org: str, device: str) -> list[dict[str, Any]]:
     """The ACL of one device: publish its own device->cloud topics, subscribe its own
     commands and config, nothing else (the default ACL denies the rest)."""
@@ -256,6 +269,21 @@ class BrokerAdmin:
             {"command": "deleteClient", "username": device_username(org, device)},
             {"command": "deleteRole", "rolename": device_rolename(org, device)},
         ], ignore=("not found",))
+
+    # -- technicians ---------------------------------------------------------------
+
+    async def create_technician(self, org: str, username: str, password: str) -> None:
+        await self.execute([
+            {"command": "createRole", "rolename": tech_rolename(org), "acls": tech_acls(self.topics, org)},
+        ], ignore=("already exists",))
+        await self.execute([
+            {"command": "createClient", "username": username, "password": password,
+             "textname": f"technician of {org}", "roles": [{"rolename": tech_rolename(org)}]},
+        ])
+
+    async def delete_client(self, username: str) -> None:
+        """Delete a client; connected sessions of it are disconnected by the plugin."""
+        await self.execute([{"command": "deleteClient", "username": username}], ignore=("not found",))
 
     # -- inspection --------------------------------------------------------------
 

@@ -340,8 +340,9 @@ class AsyncMqttClient:
             return
         self.generation += 1
         self.connected = True
-        log.info("%s: connected to %s (session present: %s)", self.name, self.url.public(),
-                 bool(flags.session_present))
+        # Long-lived connections say so; short ones (an admin command) would only add noise.
+        log.log(logging.INFO if self.reconnect_enabled else logging.DEBUG, "%s: connected to %s (session present: %s)",
+                self.name, self.url.public(), bool(flags.session_present))
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if self.on_connect_cb is not None:

@@ -21,6 +21,7 @@ import hmac
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -28,12 +29,15 @@ import msgspec
 from lms_core.broker import (
     DEVICE_ROLE_PREFIX,
     PLATFORM_ROLE,
+    TECH_ROLE_PREFIX,
     BrokerAdmin,
     device_acls,
     device_rolename,
     device_username,
     is_device_client,
     platform_acls,
+    tech_acls,
+    tech_rolename,
 )
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme, check_slug
@@ -154,6 +158,43 @@ class Provisioner:
             await self.admin.set_device_enabled(org, device, enabled)
         log.info("device %s", "enabled" if enabled else "disabled", extra={"org": org, "device": device})
 
+    async def create_technician(self, org_id: int, org: str, label: str, expires_at: Any,
+                                created_by: int | None) -> tuple[int, str, str]:
+        """A subscribe-only broker login for one organization: (id, username, password)."""
+        nonce = secrets.token_urlsafe(16)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+            cred_id = await conn.fetchval(
+                """INSERT INTO mqtt_credentials (org_id, username, label, nonce, created_by, expires_at)
+                   VALUES ($1, '', $2, $3, $4, $5) RETURNING id""", org_id, label, nonce, created_by, expires_at)
+            username = f"tech.{org}.{cred_id}"
+            await conn.execute("UPDATE mqtt_credentials SET username = $2 WHERE id = $1", cred_id, username)
+            password = derive_password(self.secret, "tech", username, nonce)
+            await self.admin.create_technician(org, username, password)
+        return int(cred_id), username, password
+
+    async def revoke_technician(self, org_id: int, cred_id: int) -> bool:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+            username = await conn.fetchval(
+                """UPDATE mqtt_credentials SET revoked_at = now() WHERE id = $1 AND org_id = $2
+                   AND revoked_at IS NULL RETURNING username""", cred_id, org_id)
+            if username is None:
+                return False
+            await self.admin.delete_client(username)
+        return True
+
+    async def expire_technicians(self) -> int:
+        """Remove the broker logins of technician credentials past their expiry."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+            names = await conn.fetch(
+                """UPDATE mqtt_credentials SET revoked_at = expires_at
+                   WHERE revoked_at IS NULL AND expires_at <= now() RETURNING username""")
+            for r in names:
+                await self.admin.delete_client(r["username"])
+        return len(names)
+
     async def delete_device(self, org: str, device: str, *, purge: bool = False) -> None:
         """Delete a device and its broker credentials; ``purge`` also deletes its data."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -227,7 +268,31 @@ class Provisioner:
             if client.disabled == r["enabled"]:
                 cmds.append({"command": "enableClient" if r["enabled"] else "disableClient", "username": user})
                 counts["state_fixed"] += 1
+        techs = await conn.fetch(
+            """SELECT m.username, m.nonce, o.slug AS org FROM mqtt_credentials m
+               JOIN organizations o ON o.id = m.org_id
+               WHERE m.revoked_at IS NULL AND (m.expires_at IS NULL OR m.expires_at > now())""")
+        for t in techs:
+            wanted_users.add(t["username"])
+            role = tech_rolename(t["org"])
+            if role not in roles and role not in wanted_roles:
+                cmds.append({"command": "createRole", "rolename": role, "acls": tech_acls(self.topics, t["org"])})
+            wanted_roles.add(role)
+            client = clients.get(t["username"])
+            if client is None:
+                cmds.append({"command": "createClient", "username": t["username"],
+                             "password": derive_password(self.secret, "tech", t["username"], t["nonce"]),
+                             "textname": f"technician of {t['org']}", "roles": [{"rolename": role}]})
+                counts["created"] += 1
+            elif set(client.roles) != {role} or client.groups:
+                cmds.append({"command": "modifyClient", "username": t["username"], "roles": [{"rolename": role}],
+                             "groups": []})
+                counts["acl_fixed"] += 1
         for user, client in clients.items():
+            if user.startswith(TECH_ROLE_PREFIX) and user not in wanted_users and any(
+                    r.startswith(TECH_ROLE_PREFIX) for r in client.roles):
+                cmds.append({"command": "deleteClient", "username": user})
+                counts["deleted"] += 1
             if is_device_client(user, client.roles) and user not in wanted_users:
                 cmds.append({"command": "deleteClient", "username": user})
                 counts["deleted"] += 1

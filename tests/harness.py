@@ -245,6 +245,15 @@ class ApiProcess:
 
 # -- devices ----------------------------------------------------------------------------
 
+def stop_client(client: paho.Client) -> None:
+    """Stop a paho client's network thread and close its socket (paho leaves a refused or
+    kicked client's socket open)."""
+    client.loop_stop()
+    sock = client.socket()
+    if sock is not None:
+        sock.close()
+
+
 class Device:
     """A device client on real credentials (paho in its own network thread)."""
 
@@ -300,11 +309,16 @@ class Device:
         self.client.loop_start()
         if not self._connected.wait(timeout):
             raise AssertionError("no CONNACK")
+        if self.connect_result.is_failure:
+            self.stop()  # refused: nothing more will happen on this client
         return self.connect_result
+
+    def stop(self) -> None:
+        stop_client(self.client)
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        self.stop()
 
     def publish(self, kind: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
         info = self.client.publish(f"{self.creds.topic_prefix}/{kind}", payload, qos=qos, retain=retain)

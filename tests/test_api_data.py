@@ -9,6 +9,7 @@ import io
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +23,7 @@ N = 360  # one reading of temp and hum every 10 s for an hour, plus a text metri
 
 
 @pytest.fixture(scope="module")
-def fed(api: ApiProcess, stack: Stack) -> dict[str, Any]:
+def fed(api: ApiProcess, stack: Stack) -> Iterator[dict[str, Any]]:
     org = f"data{int(time.time())}"
     owner = User(api, f"{org}@example.com")
     assert owner.call("POST", "/api/v1/orgs", {"slug": org}).status_code == 201
@@ -47,8 +48,9 @@ def fed(api: ApiProcess, stack: Stack) -> dict[str, Any]:
                                     "JOIN organizations o ON o.id = d.org_id WHERE o.slug = $1", org) == total,
                20, "the readings")
     dev.close()
-    return {"org": org, "owner": owner, "entries": entries, "start": start, "total": total,
+    yield {"org": org, "owner": owner, "entries": entries, "start": start, "total": total,
             "base": f"/api/v1/orgs/{org}/devices/s1"}
+    owner.client.close()
 
 
 def _iso(t: datetime) -> str:

@@ -161,7 +161,7 @@ def test_status_and_last_will_update_presence_and_are_events(stack: Stack, uniqu
                          "JOIN organizations o ON o.id = d.org_id WHERE o.slug = $1 ORDER BY time", unique)
     assert [(e["type"], json.loads(e["data"])) for e in events] == [
         ("status", {"status": "online"}), ("status", {"status": "offline"})]
-    dev.client.loop_stop()
+    dev.stop()
 
     # A bad status goes to quarantine, an empty one (clearing the retained message) is ignored.
     dev2 = Device(stack.mq.port, creds)

@@ -12,7 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from lms_core.broker import BrokerAdmin
 from lms_core.provisioning import DeviceCredentials
 from lms_core.topics import TopicScheme
-from tests.harness import Device, Stack, wait_until
+from tests.harness import Device, Stack, stop_client, wait_until
 
 NOT_AUTHORIZED = 0x87
 
@@ -61,7 +61,7 @@ def test_device_can_subscribe_only_to_its_commands_and_config(stack: Stack, uniq
 
 
 def _client(port: int, creds: DeviceCredentials) -> tuple[paho.Client, list[object], list[object]]:
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=creds.client_id)
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=creds.client_id, reconnect_on_failure=False)
     c.username_pw_set(creds.username, creds.password)
     connacks: list[object] = []
     disconnects: list[object] = []
@@ -79,7 +79,7 @@ def test_disabled_device_is_disconnected_and_cannot_reconnect(stack: Stack, uniq
     assert connacks[0].value == 0  # type: ignore[attr-defined]
     stack.set_enabled(unique, "dev-1", False)
     wait_until(lambda: disconnects, 5, "the broker to disconnect the disabled device")
-    c.loop_stop()
+    stop_client(c)
     assert stack.scalar("SELECT enabled FROM devices d JOIN organizations o ON o.id = d.org_id "
                         "WHERE o.slug = $1 AND d.slug = 'dev-1'", unique) is False
 
@@ -87,7 +87,7 @@ def test_disabled_device_is_disconnected_and_cannot_reconnect(stack: Stack, uniq
     c2.connect("127.0.0.1", stack.mq.port)
     c2.loop_start()
     wait_until(lambda: connacks2, 5, "CONNACK")
-    c2.loop_stop()
+    stop_client(c2)
     assert connacks2[0].is_failure  # type: ignore[attr-defined]
 
     stack.set_enabled(unique, "dev-1", True)
@@ -97,7 +97,7 @@ def test_disabled_device_is_disconnected_and_cannot_reconnect(stack: Stack, uniq
     wait_until(lambda: connacks3, 5, "CONNACK")
     assert connacks3[0].value == 0  # type: ignore[attr-defined]
     c3.disconnect()
-    c3.loop_stop()
+    stop_client(c3)
 
 
 def test_wrong_password_or_client_id_is_refused_and_anonymous_too(stack: Stack, unique: str) -> None:
@@ -113,7 +113,7 @@ def test_wrong_password_or_client_id_is_refused_and_anonymous_too(stack: Stack, 
         c.connect("127.0.0.1", stack.mq.port)
         c.loop_start()
         wait_until(lambda got=got: got, 5, "CONNACK")
-        c.loop_stop()
+        stop_client(c)
         assert got[0].is_failure, (user, cid)  # type: ignore[attr-defined]
 
 
@@ -132,7 +132,7 @@ def test_reconcile_rebuilds_lost_broker_credentials(own_stack: Stack, unique: st
     s.mq.start()
     dev = Device(s.mq.port, creds)
     assert dev.connect().is_failure
-    dev.client.loop_stop()
+    dev.stop()
     # A device client the database does not know (left over, or made by hand).
     stray = DeviceCredentials("stray.dev", "pw-stray-000000000000000000000000", "stray.dev", "lms/stray/dev", "")
 
@@ -155,7 +155,7 @@ def test_reconcile_rebuilds_lost_broker_credentials(own_stack: Stack, unique: st
     for c in (off_creds, stray):
         d = Device(s.mq.port, c)
         assert d.connect().is_failure, c.username
-        d.client.loop_stop()
+        d.stop()
     jane = Device(s.mq.port, DeviceCredentials("jane.doe", "jane-pw", "jane", "", ""))
     assert jane.connect().value == 0
     jane.close()
