@@ -67,6 +67,11 @@ async def org_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
     if row is None or (row["role"] is None and not principal.is_superuser):
         raise NotFoundException(f"organization {slug!r} not found")
     role = row["role"] or "superuser"
+    if principal.key_id is not None:
+        # An API key reaches only its own organization, with the key's role.
+        if row["id"] != principal.key_org_id:
+            raise NotFoundException(f"organization {slug!r} not found")
+        role = principal.key_role or "viewer"
     if role != "superuser" and role not in MATRIX[perm]:
         raise PermissionDeniedException(f"the {role} role may not do this ({perm})")
     connection.scope.setdefault("state", {})["org_access"] = OrgAccess(row["id"], slug, role, principal)

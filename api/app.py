@@ -16,6 +16,7 @@ from api.auth.service import AuthService
 from api.data import DataController
 from api.devices import DevicesController
 from api.errors import HANDLERS
+from api.keys import ApiKeysController
 from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
 from api.technicians import TechniciansController, expiry_sweeper
@@ -39,7 +40,7 @@ def create_app(settings: Settings) -> Litestar:
 
     app = Litestar(
         route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
-                        TechniciansController, health, ready, metrics],
+                        TechniciansController, ApiKeysController, health, ready, metrics],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=HANDLERS,

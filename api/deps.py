@@ -43,12 +43,19 @@ async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Prin
     """
     auth: AuthService = request.app.state.auth
     header = request.headers.get("authorization", "")
-    if header:
+    api_key = request.headers.get("x-api-key", "")
+    if api_key:
+        principal = await auth.key_principal(api_key.strip())
+    elif header:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise NotAuthorizedException("Authorization must be 'Bearer <token>'",
                                          headers={"WWW-Authenticate": "Bearer"})
-        principal = await auth.principal(token.strip(), "bearer")
+        token = token.strip()
+        if token.startswith("lms_"):
+            principal = await auth.key_principal(token)
+        else:
+            principal = await auth.principal(token, "bearer")
     else:
         token = request.cookies.get(SESSION_COOKIE, "")
         if not token:
@@ -61,4 +68,13 @@ async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Prin
                 raise PermissionDeniedException("missing or wrong X-CSRF-Token header for a cookie session")
     if principal is None:
         raise NotAuthorizedException("invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+async def provide_user_session(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller, who must be a user session: an API key may not manage accounts or
+    create organizations (it is scoped to one organization)."""
+    principal = await provide_principal(request)
+    if principal.key_id is not None:
+        raise PermissionDeniedException("an API key cannot do this; log in as a user")
     return principal

@@ -16,7 +16,7 @@ from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
 from api.auth.service import audit
-from api.deps import Me, Req, client_address, provide_principal, request_id
+from api.deps import Me, Req, client_address, provide_principal, provide_user_session, request_id
 from lms_core.errors import AlreadyExists
 
 Slug = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", examples=[])]
@@ -49,7 +49,7 @@ class OrgsController(Controller):
     path = "/api/v1/orgs"
     tags = ["organizations"]
 
-    @post("/", status_code=HTTP_201_CREATED, dependencies={"me": Provide(provide_principal)})
+    @post("/", status_code=HTTP_201_CREATED, dependencies={"me": Provide(provide_user_session)})
     async def create(self, request: Req, data: JSONBody[OrgCreate], me: Me) -> Org:
         """Create an organization; the caller becomes its owner."""
         pool = request.app.state.pool

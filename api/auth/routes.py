@@ -24,6 +24,7 @@ from api.deps import (
     client_address,
     provide_auth,
     provide_principal,
+    provide_user_session,
     request_id,
 )
 from api.errors import error_response
@@ -99,7 +100,7 @@ class AuthController(Controller):
                            user=User(**user), csrf_token=csrf)
         return Response(body, cookies=cookies)
 
-    @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_principal)})
+    @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)})
     async def logout(self, request: Req, me: Me, auth: Auth) -> Response[None]:
         """Revoke the token used for this request and clear the cookies."""
         await auth.logout(me, address=client_address(request), request_id=request_id(request))
@@ -113,7 +114,7 @@ class AuthController(Controller):
         """The authenticated user."""
         return User(id=me.user_id, email=me.email, is_superuser=me.is_superuser)
 
-    @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_principal)})
+    @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)})
     async def change_password(self, request: Req, data: JSONBody[PasswordChange], me: Me,
                               auth: Auth) -> None:
         """Change the password; every token issued before (all sessions) stops working."""

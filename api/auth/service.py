@@ -7,8 +7,11 @@ processes behind a load balancer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,9 +44,24 @@ class Principal:
     user_id: int
     email: str
     is_superuser: bool
-    via: str  # "bearer" | "cookie"
+    via: str  # "bearer" | "cookie" | "api_key"
     jti: str
     expires_at: int
+    key_id: int | None = None  # an API key: valid for one organization, with the key's role
+    key_org_id: int | None = None
+    key_role: str | None = None
+
+
+def hash_key(secret: str) -> str:
+    # API key secrets are 32 random characters: a fast hash is enough, and it is compared
+    # in constant time.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_api_key() -> tuple[str, str, str]:
+    """(the full key shown once, its prefix, the hash stored)."""
+    prefix, secret = secrets.token_hex(4), secrets.token_urlsafe(24).replace("_", "x")
+    return f"lms_{prefix}_{secret}", prefix, hash_key(secret)
 
 
 def check_email(email: str) -> str:
@@ -149,6 +167,24 @@ class AuthService:
             return None
         return Principal(user_id=claims.user_id, email=row["email"], is_superuser=row["is_superuser"], via=via,
                          jti=claims.jti, expires_at=claims.expires_at)
+
+    async def key_principal(self, key: str) -> Principal | None:
+        """The caller behind an API key ``lms_<prefix>_<secret>``, or None."""
+        parts = key.split("_")
+        if len(parts) != 3 or parts[0] != "lms" or not parts[1] or not parts[2]:
+            return None
+        row = await self.pool.fetchrow(
+            """SELECT k.id, k.key_hash, k.org_id, k.role, u.id AS user_id, u.email, u.is_superuser
+               FROM api_keys k JOIN users u ON u.id = k.user_id
+               WHERE k.prefix = $1 AND k.revoked_at IS NULL""", parts[1])
+        if row is None or not hmac.compare_digest(row["key_hash"], hash_key(parts[2])):
+            return None
+        # Recorded at most once a minute: a busy script must not rewrite the row per request.
+        await self.pool.execute(
+            """UPDATE api_keys SET last_used_at = now() WHERE id = $1
+               AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')""", row["id"])
+        return Principal(user_id=row["user_id"], email=row["email"], is_superuser=False, via="api_key", jti="",
+                         expires_at=0, key_id=row["id"], key_org_id=row["org_id"], key_role=row["role"])
 
     async def logout(self, p: Principal, *, address: str, request_id: str | None = None) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
