@@ -11,6 +11,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from api.access import check_routes
+from api.assets import AssetsController
 from api.auth.routes import AuthController
 from api.auth.service import AuthService
 from api.data import DataController
@@ -40,7 +41,8 @@ def create_app(settings: Settings) -> Litestar:
 
     app = Litestar(
         route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
-                        TechniciansController, ApiKeysController, health, ready, metrics],
+                        TechniciansController, ApiKeysController,
+                        AssetsController, health, ready, metrics],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=HANDLERS,
