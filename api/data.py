@@ -24,7 +24,7 @@ from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 
 from api.access import Access, org_guard, provide_org
-from api.deps import Req
+from api.deps import BIGINT_MAX, Req
 from lms_core.errors import InvalidInput
 
 MAX_SPAN = timedelta(days=400)
@@ -265,9 +265,10 @@ class DataController(Controller):
         return Stream(rows(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @get("/quarantine", opt={"perm": "quarantine.read"})
-    async def quarantine(self, request: Req, access: Access, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-                         before: Annotated[int | None, QueryParameter(ge=1, description="id to continue below")] = None,
-                         ) -> QuarantinePage:
+    async def quarantine(
+        self, request: Req, access: Access, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        before: Annotated[int | None, QueryParameter(ge=1, le=BIGINT_MAX, description="id to continue below")] = None,
+    ) -> QuarantinePage:
         """What the bridge refused for this organization, newest first, and why."""
         rows = await request.app.state.pool.fetch(
             """SELECT id, received_at, topic, device_slug, reason, payload FROM quarantine

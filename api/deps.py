@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.params import PathParameter
 
 from api.auth.service import AuthService, Principal
 
 Req = Request[Any, Any, Any]
 Me = NamedDependency[Principal]
 Auth = NamedDependency[AuthService]
+
+#: Ids are PostgreSQL bigints; a larger number is a 422, not an overflow deep down.
+BIGINT_MAX = 2**63 - 1
+Id = Annotated[int, PathParameter(ge=1, le=BIGINT_MAX)]
 
 SESSION_COOKIE = "lms_session"
 CSRF_COOKIE = "lms_csrf"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -56,6 +57,12 @@ def domain_exception(request: Request[Any, Any, Any], exc: LmsError) -> Response
     return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
 
 
+def data_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """A value PostgreSQL cannot take (out of range, bad encoding) is the caller's error."""
+    log.warning("refused a value the database cannot hold on %s: %s", request.url.path, exc)
+    return error_response(request, 422, f"a value is out of range or not representable: {exc}"[:300])
+
+
 def unexpected_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
@@ -63,6 +70,8 @@ def unexpected_exception(request: Request[Any, Any, Any], exc: Exception) -> Res
 
 HANDLERS: dict[Any, Any] = {
     HTTPException: http_exception,
+    asyncpg.DataError: data_exception,
+    OverflowError: data_exception,
     LmsError: domain_exception,
     Exception: unexpected_exception,
 }

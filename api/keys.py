@@ -9,13 +9,13 @@ import msgspec
 from litestar import Controller, delete, get, post
 from litestar.di import Provide
 from litestar.exceptions import NotFoundException, PermissionDeniedException
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
 from api.auth.service import audit, new_api_key
-from api.deps import Req, client_address, request_id
+from api.deps import Id, Req, client_address, request_id
 
 Role = Annotated[str, Meta(pattern=r"^(owner|admin|operator|viewer|technician)$")]
 
@@ -75,7 +75,7 @@ class ApiKeysController(Controller):
         return [ApiKey(**dict(r)) for r in rows]
 
     @delete("/{key_id:int}", opt={"perm": "members.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def revoke(self, request: Req, access: Access, key_id: FromPath[int]) -> None:
+    async def revoke(self, request: Req, access: Access, key_id: Id) -> None:
         """Revoke a key: it stops working at once."""
         pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():

@@ -12,13 +12,13 @@ import msgspec
 from litestar import Controller, delete, get, post
 from litestar.di import Provide
 from litestar.exceptions import NotFoundException
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
 from api.auth.service import audit
-from api.deps import Req, client_address, request_id
+from api.deps import Id, Req, client_address, request_id
 from api.devices import provisioner
 from lms_core.settings import MqttUrl
 
@@ -84,7 +84,7 @@ class TechniciansController(Controller):
         return [TechnicianCredential(**dict(r)) for r in rows]
 
     @delete("/{credential_id:int}", opt={"perm": "mqtt_credentials.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def revoke(self, request: Req, access: Access, credential_id: FromPath[int]) -> None:
+    async def revoke(self, request: Req, access: Access, credential_id: Id) -> None:
         """Revoke: the login is removed from the broker and its sessions are disconnected."""
         async with provisioner(request) as prov:
             if not await prov.revoke_technician(access.org_id, credential_id):
