@@ -210,3 +210,46 @@ def test_registration_can_be_turned_off(stack: Stack) -> None:
     closed = stack.start_api(LMS_API_REGISTRATION="off")
     r = httpx.post(closed.url + "/api/v1/auth/register", json={"email": "z@example.com", "password": PASSWORD})
     assert r.status_code == 403 and "turned off" in r.json()["error"]["message"]
+
+
+def test_login_throttling_holds_across_api_processes(stack: Stack, unique: str) -> None:
+    """Two API processes behind a load balancer share one failure count (it is in PostgreSQL)."""
+    a = stack.start_api(LMS_LOGIN_MAX_FAILURES="2", LMS_LOGIN_WINDOW_SECONDS="60")
+    b = stack.start_api(LMS_LOGIN_MAX_FAILURES="2", LMS_LOGIN_WINDOW_SECONDS="60")
+    with httpx.Client(base_url=a.url, timeout=10) as ca, httpx.Client(base_url=b.url, timeout=10) as cb:
+        email = _register(ca, unique)
+        assert _login(ca, email, "wrong password").status_code == 401
+        assert _login(cb, email, "wrong password").status_code == 401
+        assert _login(ca, email).status_code == 429
+        assert _login(cb, email).status_code == 429
+
+
+def test_cors_is_off_by_default_and_on_by_setting(api: ApiProcess, stack: Stack) -> None:
+    origin = {"Origin": "https://dash.example.com"}
+    r = httpx.get(api.url + "/health", headers=origin, timeout=10)
+    assert "access-control-allow-origin" not in r.headers
+    cors = stack.start_api(LMS_API_CORS_ORIGINS="https://dash.example.com")
+    r = httpx.options(cors.url + "/api/v1/auth/me", timeout=10, headers={
+        **origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "authorization"})
+    assert r.headers.get("access-control-allow-origin") == "https://dash.example.com"
+    assert r.headers.get("access-control-allow-credentials") == "true"
+    other = httpx.get(cors.url + "/health", headers={"Origin": "https://evil.example"}, timeout=10)
+    assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_lms_user_create_reads_the_password_from_stdin(api: ApiProcess, stack: Stack, unique: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    email = f"{unique}-cli@example.com"
+    r = subprocess.run([sys.executable, "-m", "lms_cli.main", "user", "create", email, "--superuser"],
+                       input=PASSWORD + "\n", env=stack.env(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0 and "superuser" in r.stdout, r.stderr
+    with httpx.Client(base_url=api.url, timeout=10) as c:
+        assert _login(c, email).json()["user"]["is_superuser"] is True
+    again = subprocess.run([sys.executable, "-m", "lms_cli.main", "user", "create", email], input="short\n",
+                           env=stack.env(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert again.returncode == 1 and "Traceback" not in again.stderr
+    assert again.stderr.strip().startswith("lms: error: password must be")
