@@ -127,6 +127,27 @@ def parse_bucket(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+#: The metrics of one device, by a loose index scan: one index probe per metric.
+_METRICS_SQL = """
+    WITH RECURSIVE m(metric) AS (
+        (SELECT metric FROM readings WHERE device_id = $1 ORDER BY metric LIMIT 1)
+        UNION ALL
+        SELECT (SELECT r.metric FROM readings r WHERE r.device_id = $1 AND r.metric > m.metric
+                ORDER BY r.metric LIMIT 1)
+        FROM m WHERE m.metric IS NOT NULL)
+    SELECT metric FROM m WHERE metric IS NOT NULL"""
+
+
+async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list[str]:
+    """The metrics to query, always as a list: ``metric = ANY($n)`` then bounds the index
+    (device_id, metric, time) by time for each of them. An "all metrics" query written as
+    ``$n IS NULL OR metric = ANY($n)`` cannot, and once asyncpg's prepared statement gets
+    PostgreSQL's generic plan it walks the device's whole history (bench/api_queries.py)."""
+    if wanted:
+        return wanted
+    return [r["metric"] for r in await pool.fetch(_METRICS_SQL, dev_id)]
+
+
 class DataController(Controller):
     path = "/api/v1/orgs/{org:str}"
     tags = ["data"]
@@ -150,12 +171,14 @@ class DataController(Controller):
         t0, t1 = _window(start, end)
         after = _uncursor(cursor, 2)
         after_t = datetime.fromisoformat(after[0]) if after else None
-        rows = await request.app.state.pool.fetch(
+        pool = request.app.state.pool
+        rows = await pool.fetch(
             """SELECT time, metric, value, text_value FROM readings
-               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($4::text[] IS NULL OR metric = ANY ($4))
+               WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
                  AND ($5::timestamptz IS NULL OR (time, metric) > ($5, $6::text))
                ORDER BY time, metric LIMIT $7""",
-            dev_id, t0, t1, metric, after_t, after[1] if after else None, limit + 1)
+            dev_id, t0, t1, await _metric_list(pool, dev_id, metric), after_t, after[1] if after else None,
+            limit + 1)
         items = [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"])
                  for r in rows[:limit]]
         nxt = _cursor(items[-1].time.isoformat(), items[-1].metric) if len(rows) > limit else None
@@ -177,14 +200,15 @@ class DataController(Controller):
         bad = [f for f in wanted if f not in AGGREGATES]
         if bad:
             raise InvalidInput(f"unknown aggregate {bad[0]!r}; use {', '.join(AGGREGATES)}")
-        rows = await request.app.state.pool.fetch(
+        pool = request.app.state.pool
+        rows = await pool.fetch(
             """SELECT date_bin($4::interval, time, $2) AS bucket, metric, avg(value) AS avg, min(value) AS min,
                       max(value) AS max, count(*) AS count,
                       (array_agg(value ORDER BY time DESC))[1] AS last
                FROM readings
-               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($5::text[] IS NULL OR metric = ANY ($5))
+               WHERE device_id = $1 AND metric = ANY ($5::text[]) AND time >= $2 AND time < $3
                GROUP BY 1, 2 ORDER BY 1, 2""",
-            dev_id, t0, t1, width, metric)
+            dev_id, t0, t1, width, await _metric_list(pool, dev_id, metric))
         return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
 
     @get("/devices/{device:str}/latest", opt={"perm": "data.read"})
@@ -193,16 +217,11 @@ class DataController(Controller):
         dev_id = await self._device_id(request, access, device)
         # A loose index scan: one index probe per metric, however many rows a metric has.
         rows = await request.app.state.pool.fetch(
-            """WITH RECURSIVE m(metric) AS (
-                   (SELECT metric FROM readings WHERE device_id = $1 ORDER BY metric LIMIT 1)
-                   UNION ALL
-                   SELECT (SELECT r.metric FROM readings r WHERE r.device_id = $1 AND r.metric > m.metric
-                           ORDER BY r.metric LIMIT 1)
-                   FROM m WHERE m.metric IS NOT NULL)
-               SELECT l.* FROM m CROSS JOIN LATERAL (
+            f"""WITH metrics AS ({_METRICS_SQL})
+               SELECT l.* FROM metrics m CROSS JOIN LATERAL (
                    SELECT time, metric, value, text_value FROM readings r
                    WHERE r.device_id = $1 AND r.metric = m.metric ORDER BY time DESC LIMIT 1) l
-               WHERE m.metric IS NOT NULL ORDER BY l.metric""",
+               ORDER BY l.metric""",
             dev_id)
         return [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"]) for r in rows]
 
@@ -234,6 +253,7 @@ class DataController(Controller):
         dev_id = await self._device_id(request, access, device)
         t0, t1 = _window(start, end)
         pool = request.app.state.pool
+        metrics = await _metric_list(pool, dev_id, metric)
 
         async def rows() -> AsyncIterator[bytes]:
             if format == "csv":
@@ -242,9 +262,9 @@ class DataController(Controller):
                 batch: list[str] = []
                 async for r in conn.cursor(
                         """SELECT time, metric, value, text_value FROM readings
-                           WHERE device_id = $1 AND time >= $2 AND time < $3
-                             AND ($4::text[] IS NULL OR metric = ANY ($4)) ORDER BY time, metric""",
-                        dev_id, t0, t1, metric, prefetch=2000):
+                           WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
+                           ORDER BY time, metric""",
+                        dev_id, t0, t1, metrics, prefetch=2000):
                     if format == "csv":
                         buf = io.StringIO()
                         csv.writer(buf).writerow([r["time"].isoformat(), r["metric"],
