@@ -138,6 +138,23 @@ _METRICS_SQL = """
     SELECT metric FROM m WHERE metric IS NOT NULL"""
 
 
+#: The newest reading of each metric of device $1.
+LATEST_SQL = f"""
+    WITH metrics AS ({_METRICS_SQL})
+    SELECT l.* FROM metrics m CROSS JOIN LATERAL (
+        SELECT time, metric, value, text_value FROM readings r
+        WHERE r.device_id = $1 AND r.metric = m.metric ORDER BY time DESC LIMIT 1) l
+    ORDER BY l.metric"""
+
+#: Buckets of width $4 from $2 to $3 for device $1 and the metrics $5.
+AGGREGATE_SQL = """
+    SELECT date_bin($4::interval, time, $2) AS bucket, metric, avg(value) AS avg, min(value) AS min,
+           max(value) AS max, count(*) AS count, (array_agg(value ORDER BY time DESC))[1] AS last
+    FROM readings
+    WHERE device_id = $1 AND metric = ANY ($5::text[]) AND time >= $2 AND time < $3
+    GROUP BY 1, 2 ORDER BY 1, 2"""
+
+
 async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list[str]:
     """The metrics to query, always as a list: ``metric = ANY($n)`` then bounds the index
     (device_id, metric, time) by time for each of them. An "all metrics" query written as
@@ -202,13 +219,7 @@ class DataController(Controller):
             raise InvalidInput(f"unknown aggregate {bad[0]!r}; use {', '.join(AGGREGATES)}")
         pool = request.app.state.pool
         rows = await pool.fetch(
-            """SELECT date_bin($4::interval, time, $2) AS bucket, metric, avg(value) AS avg, min(value) AS min,
-                      max(value) AS max, count(*) AS count,
-                      (array_agg(value ORDER BY time DESC))[1] AS last
-               FROM readings
-               WHERE device_id = $1 AND metric = ANY ($5::text[]) AND time >= $2 AND time < $3
-               GROUP BY 1, 2 ORDER BY 1, 2""",
-            dev_id, t0, t1, width, await _metric_list(pool, dev_id, metric))
+            AGGREGATE_SQL, dev_id, t0, t1, width, await _metric_list(pool, dev_id, metric))
         return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
 
     @get("/devices/{device:str}/latest", opt={"perm": "data.read"})
@@ -216,13 +227,7 @@ class DataController(Controller):
         """The newest reading of each metric of the device."""
         dev_id = await self._device_id(request, access, device)
         # A loose index scan: one index probe per metric, however many rows a metric has.
-        rows = await request.app.state.pool.fetch(
-            f"""WITH metrics AS ({_METRICS_SQL})
-               SELECT l.* FROM metrics m CROSS JOIN LATERAL (
-                   SELECT time, metric, value, text_value FROM readings r
-                   WHERE r.device_id = $1 AND r.metric = m.metric ORDER BY time DESC LIMIT 1) l
-               ORDER BY l.metric""",
-            dev_id)
+        rows = await request.app.state.pool.fetch(LATEST_SQL, dev_id)
         return [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"]) for r in rows]
 
     @get("/devices/{device:str}/events", opt={"perm": "data.read"})

@@ -37,7 +37,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
-import ast
 import asyncio
 import collections
 import json
@@ -160,19 +159,10 @@ class CpuMeter:
 # -- the SQL the API runs ------------------------------------------------------------------
 
 def api_sql() -> tuple[dict[str, str], str]:
-    """The SQL of DataController.aggregate and .latest, read from api/data.py itself."""
-    tree = ast.parse((REPO / "api" / "data.py").read_text())
-    found: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.AsyncFunctionDef) and node.name in ("aggregate", "latest"):
-            for sub in ast.walk(node):
-                if (isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr == "fetch"
-                        and sub.args and isinstance(sub.args[0], ast.Constant)
-                        and "readings" in str(sub.args[0].value)):
-                    found[node.name] = str(sub.args[0].value)
-    if set(found) != {"aggregate", "latest"}:
-        raise BenchError(f"could not find the SQL of aggregate/latest in api/data.py (found {sorted(found)})")
-    return found, "api/data.py (read at run time)"
+    """The SQL of DataController.aggregate and .latest, as api/data.py defines it."""
+    from api.data import AGGREGATE_SQL, LATEST_SQL
+
+    return {"aggregate": AGGREGATE_SQL, "latest": LATEST_SQL}, "api/data.py AGGREGATE_SQL, LATEST_SQL"
 
 
 def fill(sql: str, params: list[str]) -> str:
@@ -476,9 +466,11 @@ class Bench:
         t0, t1 = now - timedelta(hours=24), now
         main_id = str(self.dev_ids[MAIN])
         agg_params = [main_id, ts_literal(t0), ts_literal(t1), "'00:05:00'"]
+        all_metrics = "ARRAY[" + ", ".join(f"'{m}'" for m in METRICS) + "]::text[]"
         filled = {
             "latest": fill(sqls["latest"], [main_id]),
-            "aggregate_all": fill(sqls["aggregate"], [*agg_params, "NULL::text[]"]),
+            # The API resolves "all metrics" to the device's list of metrics first.
+            "aggregate_all": fill(sqls["aggregate"], [*agg_params, all_metrics]),
             "aggregate_one": fill(sqls["aggregate"], [*agg_params, f"ARRAY['{METRICS[3]}']::text[]"]),
         }
         out: dict[str, Any] = {"source": source}
@@ -492,7 +484,7 @@ class Bench:
             # when it is not costlier than the custom ones (asyncpg prepares every statement).
             await conn.execute("PREPARE agg AS " + sqls["aggregate"])
             await conn.execute("SET plan_cache_mode = force_generic_plan")
-            rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE agg({', '.join([*agg_params, 'NULL'])})",
+            rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE agg({', '.join([*agg_params, all_metrics])})",
                                     timeout=STATEMENT_TIMEOUT)
             out["aggregate_all_generic"] = {"plan": "\n".join(r[0] for r in rows)}
         finally:
