@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterator
 
 from litestar import Litestar
@@ -54,6 +55,7 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,  # lms_core.logs: one JSON line per record, like the bridge
     )
     app.state.settings = settings
+    app.state.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in settings.api.trusted_proxies]
     app.state.metrics = ApiMetrics()
     check_routes(app)
     return app

@@ -7,6 +7,7 @@ variable, so a typo never surfaces as a traceback deep inside a worker.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import urllib.parse
@@ -104,6 +105,10 @@ class ApiSettings:
     login_max_failures: int = 5  # LMS_LOGIN_MAX_FAILURES
     login_address_max_failures: int = 20  # LMS_LOGIN_ADDRESS_MAX_FAILURES
     login_window_s: int = 900  # LMS_LOGIN_WINDOW_SECONDS
+    # LMS_API_TRUSTED_PROXIES: addresses/networks of the load balancers in front of the API.
+    # Only from them is X-Forwarded-For believed; anyone else could forge it to dodge the
+    # per-address login limit.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +181,12 @@ class Settings:
         for origin in origins:
             if not re.fullmatch(r"https?://[^/\s]+", origin):
                 raise SettingsError(f"LMS_API_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com")
+        proxies = tuple(p.strip() for p in env.get("LMS_API_TRUSTED_PROXIES", "").split(",") if p.strip())
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(f"LMS_API_TRUSTED_PROXIES: {proxy!r} is not an address or network") from None
         api = ApiSettings(
             host=env.get("LMS_API_HOST", _API.host),
             port=_int(env, "LMS_API_PORT", _API.port, 1, 65535),
@@ -188,6 +199,7 @@ class Settings:
             login_address_max_failures=_int(env, "LMS_LOGIN_ADDRESS_MAX_FAILURES", _API.login_address_max_failures,
                                              1, 100_000),
             login_window_s=_int(env, "LMS_LOGIN_WINDOW_SECONDS", _API.login_window_s, 1, 86400),
+            trusted_proxies=proxies,
         )
         level = _choice(env, "LMS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
         return cls(

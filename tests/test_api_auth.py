@@ -253,3 +253,33 @@ def test_lms_user_create_reads_the_password_from_stdin(api: ApiProcess, stack: S
                            env=stack.env(), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert again.returncode == 1 and "Traceback" not in again.stderr
     assert again.stderr.strip().startswith("lms: error: password must be")
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(stack: Stack, unique: str) -> None:
+    """Behind a load balancer the per-address limit counts the real client, and a client
+    cannot dodge it by sending its own X-Forwarded-For."""
+    limits = {"LMS_LOGIN_MAX_FAILURES": "100", "LMS_LOGIN_ADDRESS_MAX_FAILURES": "2", "LMS_LOGIN_WINDOW_SECONDS": "60"}
+    behind_lb = stack.start_api(LMS_API_TRUSTED_PROXIES="127.0.0.1", **limits)
+    with httpx.Client(base_url=behind_lb.url, timeout=10) as c:
+        emails = [_register(c, f"{unique}-{i}") for i in range(3)]
+        a = {"X-Forwarded-For": "198.51.100.7"}
+        b = {"X-Forwarded-For": "198.51.100.8, 127.0.0.1"}
+        for e in emails[:2]:
+            assert c.post("/api/v1/auth/login", json={"email": e, "password": "wrong password"}, headers=a
+                          ).status_code == 401
+        assert c.post("/api/v1/auth/login", json={"email": emails[2], "password": PASSWORD}, headers=a
+                      ).status_code == 429
+        assert c.post("/api/v1/auth/login", json={"email": emails[2], "password": PASSWORD}, headers=b
+                      ).status_code == 200
+    recorded = {r["address"] for r in stack.query("SELECT address FROM login_failures WHERE email = ANY($1)",
+                                                    emails[:2])}
+    assert recorded == {"198.51.100.7"}
+    direct = stack.start_api(**{**limits, "LMS_LOGIN_ADDRESS_MAX_FAILURES": "1000"})
+    with httpx.Client(base_url=direct.url, timeout=10) as c:  # no trusted proxy: the header is the client's own
+        forged = [_register(c, f"{unique}-d{i}") for i in range(2)]
+        for i, e in enumerate(forged):
+            assert c.post("/api/v1/auth/login", json={"email": e, "password": "wrong password"},
+                          headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code == 401
+    recorded = {r["address"] for r in stack.query("SELECT address FROM login_failures WHERE email = ANY($1)",
+                                                    forged)}
+    assert recorded == {"127.0.0.1"}

@@ -39,6 +39,8 @@ def test_defaults_and_overrides() -> None:
     ({"LMS_BRIDGE_SUBSCRIPTION": "both"}, "exclusive, shared"),
     ({"LMS_ENV": "production"}, "LMS_SECRET_KEY must be set"),
     ({"LMS_ENV": "staging"}, "LMS_ENV must be one of"),
+    ({"LMS_API_TRUSTED_PROXIES": "10.0.0.1, lb.example"}, "not an address or network"),
+    ({"LMS_API_CORS_ORIGINS": "dash.example.com"}, "is not an origin"),
 ])
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
