@@ -32,7 +32,8 @@ def _settings(env: Mapping[str, str] | None = None) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     from lms_cli.stack import LocalStack
 
-    stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port, api_port=args.api_port)
+    stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port, api_port=args.api_port,
+                       listen=args.listen, device_host=args.device_host)
     return stack.run()
 
 
@@ -210,6 +211,23 @@ def _slug(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _address(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
+
+
+def _hostname(value: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", value):
+        raise argparse.ArgumentTypeError(f"not a host name or address: {value!r}")
+    return value
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -230,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mqtt-port", type=_port, help="MQTT port (default 1883, or a free one on first start)")
     up.add_argument("--pg-port", type=_port, help="PostgreSQL port (default 5432, or a free one on first start)")
     up.add_argument("--api-port", type=_port, help="API port (default 8000, or a free one on first start)")
+    up.add_argument("--listen", type=_address, help="address the MQTT broker listens on (default 127.0.0.1; "
+                                                     "0.0.0.0 lets devices on your network connect)")
+    up.add_argument("--device-host", type=_hostname,
+                    help="host name or address devices are told to connect to (default: this machine's name when "
+                         "listening on all addresses)")
     up.set_defaults(fn=cmd_up)
 
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")

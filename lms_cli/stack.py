@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,7 +59,7 @@ def settings_env(state_dir: Path | None = None) -> dict[str, str]:
     return {
         "LMS_DATABASE_URL": f"postgresql://lms:{state['pg_password']}@127.0.0.1:{state['pg_port']}/lms",
         "LMS_MQTT_URL": f"mqtt://lms-service:{state['service_password']}@127.0.0.1:{state['mqtt_port']}",
-        "LMS_DEVICE_MQTT_URL": f"mqtt://127.0.0.1:{state['mqtt_port']}",
+        "LMS_DEVICE_MQTT_URL": f"mqtt://{state.get('device_host', '127.0.0.1')}:{state['mqtt_port']}",
         "LMS_SECRET_KEY": state["secret_key"],
         "LMS_BRIDGE_METRICS_PORT": str(state["bridge_metrics_port"]),
         **({"LMS_API_PORT": str(state["api_port"])} if "api_port" in state else {}),
@@ -75,15 +76,23 @@ def _pick_port(wanted: int | None, default: int, what: str) -> int:
     return port
 
 
+def _device_host(listen: str) -> str:
+    """The host name devices are told, given where the broker listens."""
+    if listen in ("0.0.0.0", "::"):
+        return socket.gethostname()
+    return listen
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
 class LocalStack:
     def __init__(self, state_dir: Path, *, mqtt_port: int | None = None, pg_port: int | None = None,
-                 api_port: int | None = None) -> None:
+                 api_port: int | None = None, listen: str | None = None, device_host: str | None = None) -> None:
         self.dir = state_dir.resolve()
         self.want_mqtt, self.want_pg, self.want_api = mqtt_port, pg_port, api_port
+        self.want_listen, self.want_device_host = listen, device_host
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping = False
 
@@ -103,6 +112,8 @@ class LocalStack:
                 "pg_port": _pick_port(self.want_pg, 5432, "PostgreSQL"),
                 "bridge_metrics_port": _pick_port(None, 9101, "bridge metrics"),
                 "api_port": _pick_port(self.want_api, 8000, "API"),
+                "mqtt_listen": self.want_listen or "127.0.0.1",
+                "device_host": self.want_device_host or _device_host(self.want_listen or "127.0.0.1"),
                 "admin_email": "admin@example.com",
                 "admin_password": new_password(),
                 "pg_password": new_password(),
@@ -115,6 +126,11 @@ class LocalStack:
             if "api_port" not in state:  # a state folder from before the API
                 state["api_port"] = _pick_port(self.want_api, 8000, "API")
                 state["admin_email"], state["admin_password"] = "admin@example.com", new_password()
+                self._save(state)
+            if self.want_listen is not None or self.want_device_host is not None:
+                # Where the broker listens may change between runs; the ports may not.
+                state["mqtt_listen"] = self.want_listen or state.get("mqtt_listen", "127.0.0.1")
+                state["device_host"] = self.want_device_host or _device_host(state["mqtt_listen"])
                 self._save(state)
             for key, wanted in (("mqtt_port", self.want_mqtt), ("pg_port", self.want_pg),
                                 ("api_port", self.want_api)):
@@ -150,7 +166,8 @@ class LocalStack:
 
     def _run(self, state: dict[str, Any]) -> None:
         pg = Postgres(self.dir / "postgres", state["pg_port"], state["pg_password"])
-        mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"])
+        mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"],
+                       listen=state.get("mqtt_listen", "127.0.0.1"))
         env = {**os.environ, **settings_env(self.dir)}
         signal.signal(signal.SIGTERM, _interrupt)
         # Started in the background of a non-interactive shell, SIGINT arrives ignored;
@@ -242,9 +259,12 @@ class LocalStack:
 
     def _banner(self, s: dict[str, Any]) -> None:
         lms = "./lms" if Path("lms").is_file() and os.access("lms", os.X_OK) else "lms"
+        lan = ("" if s.get("mqtt_listen", "127.0.0.1") != "127.0.0.1"
+               else f"  (this machine only; `{lms} up --listen 0.0.0.0` lets devices on your network in)")
         print(f"""
 LMS Core is running (state in {self.dir})
   MQTT broker   mqtt://127.0.0.1:{s['mqtt_port']}   (log: {self.dir}/mosquitto.log)
+                devices connect to mqtt://{s.get('device_host', '127.0.0.1')}:{s['mqtt_port']}{lan}
   PostgreSQL    postgresql://lms@127.0.0.1:{s['pg_port']}/lms
   bridge        metrics http://127.0.0.1:{s['bridge_metrics_port']}/metrics   (log: {self.dir}/bridge.log)
   API           http://127.0.0.1:{s['api_port']}   OpenAPI: http://127.0.0.1:{s['api_port']}/schema

@@ -252,6 +252,12 @@ def stop_client(client: paho.Client) -> None:
     sock = client.socket()
     if sock is not None:
         sock.close()
+    # paho wakes its loop through a loopback TCP socket pair that it never closes itself.
+    for name in ("_sockpairR", "_sockpairW"):
+        pair = getattr(client, name, None)
+        if pair is not None:
+            pair.close()
+            setattr(client, name, None)
 
 
 class Device:

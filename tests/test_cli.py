@@ -262,3 +262,26 @@ def test_broker_init_writes_a_bootstrap_the_broker_accepts(tmp_path: Path) -> No
         mq.stop()
     assert "not authorised" not in ok.stderr
     assert "not authorised" in bad.stderr
+
+
+def test_lms_up_can_let_devices_on_the_network_in(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    mqtt_port = free_port()
+    up = UpProcess(state, "--mqtt-port", str(mqtt_port), "--pg-port", str(free_port()), "--api-port",
+                   str(free_port()), "--listen", "0.0.0.0", "--device-host", "hub.example")
+    try:
+        up.wait_ready()
+        assert f"devices connect to mqtt://hub.example:{mqtt_port}" in up.text()
+        assert f"listener {mqtt_port} 0.0.0.0" in (state / "mosquitto" / "mosquitto.conf").read_text()
+        r = run_lms("device", "create", "acme", "d1", "--json", env={"LMS_STATE_DIR": str(state)})
+        creds = json.loads(r.stdout)
+        assert creds["mqtt_url"] == f"mqtt://hub.example:{mqtt_port}"
+        from lms_core.provisioning import DeviceCredentials
+
+        d = Device(mqtt_port, DeviceCredentials(**creds))  # still reachable here on loopback
+        assert d.connect().value == 0
+        d.close()
+    finally:
+        assert up.interrupt() == 0, up.text()
+    bad = run_lms("up", "--state", str(tmp_path / "x"), "--listen", "everywhere")
+    assert bad.returncode == 2 and "not an IP address" in bad.stderr
