@@ -57,6 +57,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from bench.common import CLK_TCK, BenchError, box_cpu, proc_cpu, say, tree_cpu
 from lms_cli.localstack import find_pg_bin
 from tests.harness import ApiProcess, Stack
 
@@ -73,15 +74,6 @@ CHUNK_SECONDS = 50_000  # one INSERT per 50,000 s of data (500,000 main-device r
 HTTP_TIMEOUT = 60.0
 LOAD_TIMEOUT = 1800.0
 STATEMENT_TIMEOUT = 300.0
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class BenchError(Exception):
-    pass
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -99,41 +91,6 @@ def lat_summary(ms: list[float]) -> dict[str, Any]:
 
 
 # -- CPU accounting ------------------------------------------------------------------------
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    return s[s.rfind(")") + 2:].split()
-
-
-def proc_cpu(pid: int, children: bool = False) -> float:
-    f = _stat(pid)
-    if f is None:
-        return 0.0
-    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
-    return ticks / CLK_TCK
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of PostgreSQL's postmaster, its reaped and its live children."""
-    total = proc_cpu(root, children=True)
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            f = _stat(int(d))
-            if f is not None and int(f[1]) == root:
-                total += proc_cpu(int(d), children=True)
-    return total
-
-
-def box_cpu() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    total = sum(vals[:8])
-    return total - vals[3] - vals[4], total
-
 
 class CpuMeter:
     def __init__(self, stack: Stack, api: ApiProcess) -> None:

@@ -43,6 +43,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from bench.common import CLK_TCK, BenchError, box_cpu, proc_cpu, say, tree_cpu
 from lms_cli.localstack import find_mosquitto, find_pg_bin
 from tests.harness import BridgeProcess, Stack
 
@@ -56,61 +57,12 @@ BARE_CLIENT_ID = "bench-bare"
 # same deliveries from the broker.
 BARE_FILTER = "lms/+/+/telemetry"
 ROWS_PER_MSG = 3
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: time.time() - time.monotonic(): converts the bridge's wall-clock log stamps.
 WALL_TO_MONO = time.time() - time.monotonic()
 
 
-class BenchError(Exception):
-    pass
-
-
 def fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:,.0f}"
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# -- CPU accounting ------------------------------------------------------------------------
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    return s[s.rfind(")") + 2:].split()  # fields from 3 (state) on
-
-
-def proc_cpu(pid: int, children: bool = False) -> float:
-    """CPU seconds of ``pid`` (plus its reaped children with ``children``)."""
-    f = _stat(pid)
-    if f is None:
-        return 0.0
-    ticks = int(f[11]) + int(f[12]) + ((int(f[13]) + int(f[14])) if children else 0)
-    return ticks / CLK_TCK
-
-
-def tree_cpu(root: int) -> float:
-    """CPU seconds of a process, its reaped children and its live children (PostgreSQL)."""
-    total = proc_cpu(root, children=True)
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            f = _stat(int(d))
-            if f is not None and int(f[1]) == root:
-                total += proc_cpu(int(d), children=True)
-    return total
-
-
-def box_cpu() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine."""
-    with open("/proc/stat") as f:
-        vals = [int(x) for x in f.readline().split()[1:]]
-    total = sum(vals[:8])
-    idle = vals[3] + vals[4]
-    return total - idle, total
 
 
 class CpuMeter:
