@@ -52,6 +52,7 @@ class Batch:
     events: list[tuple[datetime, int, str, str]] = field(default_factory=list)
     statuses: dict[int, tuple[str, datetime]] = field(default_factory=dict)
     seen: dict[int, float] = field(default_factory=dict)
+    seen_due: dict[int, float] = field(default_factory=dict)  # last-seen times this batch writes
     quarantine: list[tuple[datetime, str, bytes, str, str | None, str | None]] = field(default_factory=list)
     quarantined_kinds: list[str] = field(default_factory=list)
     replayed: int = 0  # retained messages replayed by the broker, not stored again
@@ -80,8 +81,8 @@ class Store:
             self._cache_at = time.monotonic()
         missing: set[tuple[str, str]] = set()
         devices = self._devices
-        for m in messages:
-            parts = m[0].split("/", 3)
+        for topic in {m[0] for m in messages}:  # a batch holds few distinct topics: split each once
+            parts = topic.split("/", 3)
             if len(parts) == 4 and (parts[1], parts[2]) not in devices:
                 missing.add((parts[1], parts[2]))
         if not missing:
@@ -231,6 +232,7 @@ class Store:
         for dev_id, t in b.seen.items():
             if t - written.get(dev_id, 0.0) >= SEEN_EVERY_S:
                 out[dev_id] = (None, None, datetime.fromtimestamp(t, UTC))
+                b.seen_due[dev_id] = t
         for dev_id, (status, when) in b.statuses.items():
             seen = out.get(dev_id, (None, None, None))[2]
             out[dev_id] = (status, when, seen)
@@ -283,17 +285,14 @@ class Store:
                 total.events += b.events
                 total.quarantine += b.quarantine
                 total.quarantined_kinds += b.quarantined_kinds
-                total.seen.update(b.seen)
-                total.statuses.update(b.statuses)
+                total.seen_due.update(b.seen_due)
                 total.replayed += b.replayed
                 for kind, n in b.received.items():
                     total.received[kind] = total.received.get(kind, 0) + n
         return total
 
     def _after_commit(self, b: Batch) -> None:
-        for dev_id, t in b.seen.items():
-            if t - self._seen_written.get(dev_id, 0.0) >= SEEN_EVERY_S:
-                self._seen_written[dev_id] = t
+        self._seen_written.update(b.seen_due)  # only now: a rolled-back write wrote nothing
         m = self.metrics
         if b.readings:
             m.rows.inc(len(b.readings))

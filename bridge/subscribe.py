@@ -47,7 +47,6 @@ class Ingest:
         else:
             self.filters, self.other_filters = plain, shared
         self.buffer: list[Message] = []
-        self.in_commit = 0
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._stopping = False
@@ -185,8 +184,7 @@ class Ingest:
             log.warning("could not confirm the last acknowledgements (%s); the broker may redeliver some", exc)
 
     async def _commit(self, batch: list[Message], stop: asyncio.Event) -> None:
-        self.in_commit = len(batch)
-        self.metrics.backlog.set(len(self.buffer) + self.in_commit)
+        self.metrics.backlog.set(len(self.buffer) + len(batch))
         delay = 0.2
         while True:
             started = time.perf_counter()
@@ -205,7 +203,6 @@ class Ingest:
                                 len(batch) + len(self.buffer))
                     self.buffer.clear()
                     self._draining = True
-                    self.in_commit = 0
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -219,5 +216,4 @@ class Ingest:
             self.mqtt.resume_reading()
         for kind, n in written.received.items():
             self.metrics.received.labels(kind).inc(n)
-        self.in_commit = 0
         self.metrics.backlog.set(len(self.buffer))

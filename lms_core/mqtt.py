@@ -137,6 +137,13 @@ class AsyncMqttClient:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(waiter), 2)
         self._drop_socket()
+        # paho opens a loopback socket pair to wake its own network thread, which this
+        # class does not run; it never closes it itself.
+        for name in ("_sockpairR", "_sockpairW"):
+            pair = getattr(self.client, name, None)
+            if pair is not None:
+                pair.close()
+                setattr(self.client, name, None)
         self._fail_pending(BrokerUnavailable("connection closed"))
 
     async def _connect_once(self) -> None:
@@ -254,13 +261,6 @@ class AsyncMqttClient:
         """
         self.resume_reading()
         await self.unsubscribe(["$lms-barrier"], timeout=timeout)
-
-    def ack(self, mid: int, generation: int) -> bool:
-        """Acknowledge a QoS 1 message received on connection ``generation``."""
-        if generation != self.generation or not self.connected:
-            return False
-        self.client.ack(mid, 1)
-        return True
 
     async def _wait(self, mid: int, timeout: float) -> Any:
         assert self._loop is not None
