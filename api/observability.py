@@ -34,7 +34,9 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["abort_connection"] = _connection_aborter(send)
         started = time.perf_counter()
         status = 500
 
@@ -57,6 +59,18 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                                        "status": status, "ms": round(elapsed * 1000, 1)})
 
     return middleware
+
+
+def _connection_aborter(send: Send) -> Any:
+    """A way to drop this request's connection at once, or None.
+
+    ASGI cannot abort a connection: an app that gives up on a response lets the server close
+    it gracefully, which waits for a client that never reads. uvicorn (what ``lms api`` runs)
+    keeps the connection's asyncio transport on the object its ``send`` is bound to; a
+    stalled export is cut off through it (api/data.py)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    abort = getattr(transport, "abort", None)
+    return abort if callable(abort) else None
 
 
 @get("/health", include_in_schema=False, sync_to_thread=False)
