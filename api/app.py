@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 from collections.abc import AsyncIterator
+from typing import Any
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -20,13 +21,23 @@ from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.inputs import input_guard_middleware
 from api.keys import ApiKeysController
-from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
+from api.observability import ApiMetrics, connection_aborter, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
 from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
 
 MAX_BODY_BYTES = 1024 * 1024
+
+
+class _App(Litestar):
+    """Litestar, also noting in each request's scope state how to abort its connection:
+    only here is ``send`` still the server's own (Litestar wraps it further in)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["abort_connection"] = connection_aborter(send)
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> Litestar:
@@ -46,7 +57,7 @@ def create_app(settings: Settings) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
 
-    app = Litestar(
+    app = _App(
         route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
                         TechniciansController, ApiKeysController,
                         AssetsController, health, ready, metrics],

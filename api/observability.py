@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import struct
 import time
 import uuid
 from typing import Any
@@ -34,9 +36,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-        state["abort_connection"] = _connection_aborter(send)
+        scope.setdefault("state", {})["request_id"] = rid
         started = time.perf_counter()
         status = 500
 
@@ -61,16 +61,26 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def _connection_aborter(send: Send) -> Any:
-    """A way to drop this request's connection at once, or None.
+def connection_aborter(send: Send) -> Any:
+    """A way to drop a request's connection at once, or None; ``send`` is the server's own.
 
     ASGI cannot abort a connection: an app that gives up on a response lets the server close
     it gracefully, which waits for a client that never reads. uvicorn (what ``lms api`` runs)
     keeps the connection's asyncio transport on the object its ``send`` is bound to; a
     stalled export is cut off through it (api/data.py)."""
     transport = getattr(getattr(send, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    return abort if callable(abort) else None
+    if not callable(getattr(transport, "abort", None)):
+        return None
+
+    def abort() -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Closing a socket with unsent data leaves the kernel delivering it (and the
+            # buffers held) for minutes; a zero linger time makes the close a reset.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    return abort
 
 
 @get("/health", include_in_schema=False, sync_to_thread=False)
