@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 from litestar import Controller, get
 from litestar.di import Provide
@@ -394,13 +395,15 @@ class _Export:
             return
         self._closed = True
         try:
-            if not self._conn.is_closed():
-                await self._tx.rollback()
-        finally:
             try:
-                await self._pool.release(self._conn)
-            finally:
-                self._slots.give(self._user)
+                await self._tx.rollback()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                # A fetch cut short by the client's leaving can leave the connection
+                # mid-query: it is of no further use, and the pool replaces it.
+                self._conn.terminate()
+            await self._pool.release(self._conn)
+        finally:
+            self._slots.give(self._user)
 
 
 class _Stalled(Exception):
