@@ -8,6 +8,9 @@ here, once, for every request: the path, the query string (names and values) and
 string and object key of a JSON body. JSON nested deeper than :data:`MAX_JSON_DEPTH` is
 refused too: msgspec's decoder recurses, and past Python's recursion limit it raises
 ``RecursionError`` (a 500) rather than a decode error.
+
+A body is decoded here and again by Litestar: bodies are small (1 MiB at most) and writes
+are rare, and checking the decoded strings is the only way to see escapes such as ``\\u0000``.
 """
 
 from __future__ import annotations
