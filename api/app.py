@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 from collections.abc import AsyncIterator
+from typing import Any
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -15,22 +16,38 @@ from api.access import check_routes
 from api.assets import AssetsController
 from api.auth.routes import AuthController
 from api.auth.service import AuthService
-from api.data import DataController
+from api.data import DataController, ExportSlots
 from api.devices import DevicesController
 from api.errors import HANDLERS
+from api.inputs import input_guard_middleware
 from api.keys import ApiKeysController
-from api.observability import ApiMetrics, health, metrics, ready, request_id_middleware
+from api.observability import ApiMetrics, connection_aborter, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
 from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
 
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class _App(Litestar):
+    """Litestar, also noting in each request's scope state how to abort its connection:
+    only here is ``send`` still the server's own (Litestar wraps it further in)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope.setdefault("state", {})["abort_connection"] = connection_aborter(send)
+        await super().__call__(scope, receive, send)
+
 
 def create_app(settings: Settings) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with db.create_pool(settings.database_url, min_size=1, max_size=10) as pool:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=10) as pool, \
+                db.create_pool(settings.database_url, min_size=0,
+                               max_size=settings.api.export_concurrency) as export_pool:
             app.state.pool = pool
+            app.state.export_pool = export_pool  # streamed exports only: see api/data.py
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
             sweeper = asyncio.create_task(expiry_sweeper(app), name="technician expiry sweep")
             try:
@@ -40,22 +57,23 @@ def create_app(settings: Settings) -> Litestar:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
 
-    app = Litestar(
+    app = _App(
         route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
                         TechniciansController, ApiKeysController,
                         AssetsController, health, ready, metrics],
         lifespan=[lifespan],
-        middleware=[request_id_middleware],
+        middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES)],
         exception_handlers=HANDLERS,
         cors_config=CORSConfig(allow_origins=list(settings.api.cors_origins), allow_credentials=True)
         if settings.api.cors_origins else None,
         openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema"),
-        request_max_body_size=1024 * 1024,
+        request_max_body_size=MAX_BODY_BYTES,
         debug=False,
         logging_config=None,  # lms_core.logs: one JSON line per record, like the bridge
     )
     app.state.settings = settings
     app.state.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in settings.api.trusted_proxies]
     app.state.metrics = ApiMetrics()
+    app.state.export_slots = ExportSlots(settings.api.export_concurrency, settings.api.exports_per_user)
     check_routes(app)
     return app

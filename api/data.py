@@ -7,25 +7,33 @@ keyset (an opaque cursor), never by offset. Exports stream from a server-side cu
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import csv
 import io
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
+import asyncpg
 import msgspec
 from litestar import Controller, get
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException
+from litestar.exceptions import NotFoundException, TooManyRequestsException
 from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
+from litestar.response.base import ASGIResponse
+from litestar.types import Message, Receive, Scope, Send
 
 from api.access import Access, org_guard, provide_org
 from api.deps import BIGINT_MAX, Req
+from api.inputs import unstorable
 from lms_core.errors import InvalidInput
+
+log = logging.getLogger("lms.api")
 
 MAX_SPAN = timedelta(days=400)
 MAX_BUCKETS = 20_000
@@ -105,14 +113,17 @@ def _cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(parts, default=str).encode()).decode()
 
 
-def _uncursor(cursor: str | None, n: int) -> list[Any] | None:
+def _uncursor(cursor: str | None) -> tuple[datetime, str] | None:
+    """The (time, name) a cursor of :func:`_cursor` holds; anything else is the caller's
+    error, however it was forged (not base64, not JSON, wrong shapes or types, NUL)."""
     if not cursor:
         return None
     try:
         parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not isinstance(parts, list) or len(parts) != n:
+        if not (isinstance(parts, list) and len(parts) == 2 and isinstance(parts[0], str)
+                and isinstance(parts[1], str) and not unstorable(parts[1])):
             raise ValueError
-        return parts
+        return _aware(datetime.fromisoformat(parts[0])), parts[1]
     except (ValueError, TypeError):
         raise InvalidInput("the cursor is not one this API issued") from None
 
@@ -186,8 +197,8 @@ class DataController(Controller):
         """Raw readings in time order (then metric); pass ``next`` back as ``cursor`` for more."""
         dev_id = await self._device_id(request, access, device)
         t0, t1 = _window(start, end)
-        after = _uncursor(cursor, 2)
-        after_t = datetime.fromisoformat(after[0]) if after else None
+        after = _uncursor(cursor)
+        after_t = after[0] if after else None
         pool = request.app.state.pool
         rows = await pool.fetch(
             """SELECT time, metric, value, text_value FROM readings
@@ -238,14 +249,13 @@ class DataController(Controller):
         """Events in time order; pass ``next`` back as ``cursor`` for more."""
         dev_id = await self._device_id(request, access, device)
         t0, t1 = _window(start, end)
-        after = _uncursor(cursor, 2)
+        after = _uncursor(cursor)
         rows = await request.app.state.pool.fetch(
             """SELECT time, type, data FROM events
                WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($4::text IS NULL OR type = $4)
                  AND ($5::timestamptz IS NULL OR (time, type) > ($5, $6::text))
                ORDER BY time, type LIMIT $7""",
-            dev_id, t0, t1, type, datetime.fromisoformat(after[0]) if after else None,
-            after[1] if after else None, limit + 1)
+            dev_id, t0, t1, type, after[0] if after else None, after[1] if after else None, limit + 1)
         items = [Event(time=r["time"], type=r["type"], data=json.loads(r["data"])) for r in rows[:limit]]
         nxt = _cursor(items[-1].time.isoformat(), items[-1].type) if len(rows) > limit else None
         return EventPage(items=items, next=nxt)
@@ -254,40 +264,31 @@ class DataController(Controller):
     async def export(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
                      start: Start = None, end: End = None,
                      format: Annotated[str, QueryParameter(pattern="^(csv|json)$")] = "csv") -> Stream:
-        """All readings of the range, streamed as CSV or JSON lines (never held in memory)."""
+        """All readings of the range, streamed as CSV or JSON lines (never held in memory).
+
+        At most a few exports stream at once per user and per API process; beyond that the
+        answer is 429 with Retry-After. A reader that takes nothing for a while is cut off."""
         dev_id = await self._device_id(request, access, device)
         t0, t1 = _window(start, end)
         pool = request.app.state.pool
         metrics = await _metric_list(pool, dev_id, metric)
-
-        async def rows() -> AsyncIterator[bytes]:
-            if format == "csv":
-                yield b"time,metric,value,text\r\n"
-            async with pool.acquire() as conn, conn.transaction():
-                batch: list[str] = []
-                async for r in conn.cursor(
-                        """SELECT time, metric, value, text_value FROM readings
-                           WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
-                           ORDER BY time, metric""",
-                        dev_id, t0, t1, metrics, prefetch=2000):
-                    if format == "csv":
-                        buf = io.StringIO()
-                        csv.writer(buf).writerow([r["time"].isoformat(), r["metric"],
-                                                  "" if r["value"] is None else repr(r["value"]),
-                                                  r["text_value"] or ""])
-                        batch.append(buf.getvalue())
-                    else:
-                        batch.append(json.dumps({"time": r["time"].isoformat(), "metric": r["metric"],
-                                                 "value": r["value"], "text": r["text_value"]}) + "\n")
-                    if len(batch) >= 2000:
-                        yield "".join(batch).encode()
-                        batch.clear()
-                if batch:
-                    yield "".join(batch).encode()
-
+        slots: ExportSlots = request.app.state.export_slots
+        user = access.principal.user_id
+        if not slots.take(user):
+            raise TooManyRequestsException("too many exports at once; try again when one has finished",
+                                           headers={"Retry-After": str(EXPORT_RETRY_AFTER_S)})
+        try:
+            # The query runs and its first rows arrive before any header is sent, so an
+            # error up to here is an ordinary JSON answer, not a cut connection.
+            export = await _Export.open(request.app.state.export_pool, slots, user, format,
+                                        (dev_id, t0, t1, metrics))
+        except BaseException:
+            slots.give(user)
+            raise
         media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
         name = f"{access.slug}-{device}.{'csv' if format == 'csv' else 'jsonl'}"
-        return Stream(rows(), media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+        return _ExportStream(export, request.app.state.settings.api.export_stall_s, media_type=media,
+                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @get("/quarantine", opt={"perm": "quarantine.read"})
     async def quarantine(
@@ -303,3 +304,148 @@ class DataController(Controller):
                              reason=r["reason"], payload=base64.b64encode(r["payload"][:65536]).decode(),
                              size=len(r["payload"])) for r in rows[:limit]]
         return QuarantinePage(items=items, next=items[-1].id if len(rows) > limit else None)
+
+
+#: Rows per fetch from the export cursor and per chunk written to the client.
+EXPORT_CHUNK_ROWS = 2000
+#: A hint only: exports finish or are cut off within the stall time.
+EXPORT_RETRY_AFTER_S = 5
+
+_EXPORT_SQL = """SELECT time, metric, value, text_value FROM readings
+                 WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
+                 ORDER BY time, metric"""
+
+
+class ExportSlots:
+    """Exports streaming now, per API process and per user (an API key counts for the user
+    who made it). Taken without waiting: a request over the limit is refused at once, so
+    no request ever queues behind an export. One event loop: no lock is needed."""
+
+    def __init__(self, per_process: int, per_user: int) -> None:
+        self.per_process = per_process
+        self.per_user = per_user
+        self.active = 0
+        self.by_user: dict[int, int] = {}
+
+    def take(self, user_id: int) -> bool:
+        if self.active >= self.per_process or self.by_user.get(user_id, 0) >= self.per_user:
+            return False
+        self.active += 1
+        self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
+        return True
+
+    def give(self, user_id: int) -> None:
+        self.active -= 1
+        left = self.by_user[user_id] - 1
+        if left:
+            self.by_user[user_id] = left
+        else:
+            del self.by_user[user_id]
+
+
+class _Export:
+    """One export: a connection of the export pool, a read-only transaction with a server-side
+    cursor, and the slot it holds. :meth:`close` gives all of them back, once."""
+
+    def __init__(self, pool: Any, conn: Any, tx: Any, cursor: Any, first: list[Any], slots: ExportSlots,
+                 user: int, format: str) -> None:
+        self._pool, self._conn, self._tx, self._cursor = pool, conn, tx, cursor
+        self._first: list[Any] | None = first
+        self._slots, self._user, self._format = slots, user, format
+        self._closed = False
+
+    @classmethod
+    async def open(cls, pool: Any, slots: ExportSlots, user: int, format: str, args: tuple[Any, ...]) -> _Export:
+        # The export pool has a connection per slot, so this does not wait on other exports.
+        conn = await pool.acquire(timeout=10)
+        try:
+            tx = conn.transaction(readonly=True)
+            await tx.start()
+            cursor = await conn.cursor(_EXPORT_SQL, *args)
+            first = await cursor.fetch(EXPORT_CHUNK_ROWS)
+        except BaseException:
+            await pool.release(conn)  # releasing rolls the transaction back
+            raise
+        return cls(pool, conn, tx, cursor, first, slots, user, format)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self._format == "csv":
+            yield b"time,metric,value,text\r\n"
+        rows, self._first = self._first or [], None
+        while rows:
+            yield self._encode(rows)
+            if len(rows) < EXPORT_CHUNK_ROWS:
+                break
+            rows = await self._cursor.fetch(EXPORT_CHUNK_ROWS)
+        await self.close()  # release early: before the last bytes reach the client
+
+    def _encode(self, rows: list[Any]) -> bytes:
+        if self._format == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            for r in rows:
+                writer.writerow([r["time"].isoformat(), r["metric"], "" if r["value"] is None else repr(r["value"]),
+                                 r["text_value"] or ""])
+            return buf.getvalue().encode()
+        return "".join(json.dumps({"time": r["time"].isoformat(), "metric": r["metric"], "value": r["value"],
+                                   "text": r["text_value"]}) + "\n" for r in rows).encode()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            try:
+                await self._tx.rollback()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                # A fetch cut short by the client's leaving can leave the connection
+                # mid-query: it is of no further use, and the pool replaces it.
+                self._conn.terminate()
+            await self._pool.release(self._conn)
+        finally:
+            self._slots.give(self._user)
+
+
+class _Stalled(Exception):
+    """The client took nothing for the stall time."""
+
+
+class _ExportStream(Stream):
+    """A Stream that owns its :class:`_Export`: it closes it however the response ends, and
+    cuts off a client that takes nothing for ``stall_s`` seconds."""
+
+    def __init__(self, export: _Export, stall_s: float, **kwargs: Any) -> None:
+        super().__init__(export.chunks(), **kwargs)
+        self._export = export
+        self._stall_s = stall_s
+
+    def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
+        return _Guarded(super().to_asgi_response(*args, **kwargs), self._export, self._stall_s)  # type: ignore[return-value]
+
+
+class _Guarded:
+    """The ASGI side of :class:`_ExportStream` (Litestar only calls what it is given)."""
+
+    def __init__(self, inner: ASGIResponse, export: _Export, stall_s: float) -> None:
+        self.inner, self.export, self.stall_s = inner, export, stall_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def guarded_send(message: Message) -> None:
+            # The server's send waits while the client's socket is full: a reader that
+            # stops reading stops us here.
+            try:
+                await asyncio.wait_for(send(message), self.stall_s)
+            except TimeoutError:
+                raise _Stalled from None
+
+        try:
+            await self.inner(scope, receive, guarded_send)
+        except* _Stalled:
+            state = scope.get("state", {})
+            log.warning("export cut off: the client took nothing for %s s", self.stall_s,
+                        extra={"request_id": state.get("request_id", "")})
+            abort = state.get("abort_connection")
+            if abort is not None:
+                abort()
+        finally:
+            await self.export.close()

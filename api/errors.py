@@ -25,13 +25,18 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
           429: "rate_limited", 500: "internal_error", 503: "unavailable"}
 
 
-def error_response(request: Request[Any, Any, Any], status: int, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+def error_document(status: int, message: str, request_id: str, details: Any = None) -> dict[str, Any]:
+    """The error body; also written by the ASGI middlewares that answer before Litestar."""
     body: dict[str, Any] = {"status": status, "code": _CODES.get(status, "error"), "message": message}
     if details:
         body["details"] = details
-    return Response({"error": body, "request_id": request.scope.get("state", {}).get("request_id", "")},
-                    status_code=status, headers=headers)
+    return {"error": body, "request_id": request_id}
+
+
+def error_response(request: Request[Any, Any, Any], status: int, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> Response[dict[str, Any]]:
+    rid = request.scope.get("state", {}).get("request_id", "")
+    return Response(error_document(status, message, rid, details), status_code=status, headers=headers)
 
 
 def http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
@@ -58,9 +63,23 @@ def domain_exception(request: Request[Any, Any, Any], exc: LmsError) -> Response
 
 
 def data_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    """A value PostgreSQL cannot take (out of range, bad encoding) is the caller's error."""
-    log.warning("refused a value the database cannot hold on %s: %s", request.url.path, exc)
-    return error_response(request, 422, f"a value is out of range or not representable: {exc}"[:300])
+    """A value PostgreSQL cannot take (out of range, bad encoding) is the caller's error.
+
+    The driver's text stays in our log: it names tables, types and the driver, which tell a
+    caller nothing useful and an attacker something."""
+    log.warning("refused a value the database cannot hold on %s: %s: %s", request.url.path,
+                exc.__class__.__name__, exc)
+    return error_response(request, 422, "a value is out of range or cannot be stored")
+
+
+def constraint_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """A database rule the route did not check first (a bug worth a log line, but the
+    caller's input): a duplicate is a 409, anything else a 422, in our words."""
+    log.warning("a database constraint refused input on %s: %s: %s", request.url.path,
+                exc.__class__.__name__, exc)
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return error_response(request, 409, "this already exists")
+    return error_response(request, 422, "a value is not allowed here")
 
 
 def unexpected_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -71,6 +90,7 @@ def unexpected_exception(request: Request[Any, Any, Any], exc: Exception) -> Res
 HANDLERS: dict[Any, Any] = {
     HTTPException: http_exception,
     asyncpg.DataError: data_exception,
+    asyncpg.IntegrityConstraintViolationError: constraint_exception,
     OverflowError: data_exception,
     LmsError: domain_exception,
     Exception: unexpected_exception,

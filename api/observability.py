@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import struct
 import time
 import uuid
 from typing import Any
@@ -57,6 +59,28 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                                        "status": status, "ms": round(elapsed * 1000, 1)})
 
     return middleware
+
+
+def connection_aborter(send: Send) -> Any:
+    """A way to drop a request's connection at once, or None; ``send`` is the server's own.
+
+    ASGI cannot abort a connection: an app that gives up on a response lets the server close
+    it gracefully, which waits for a client that never reads. uvicorn (what ``lms api`` runs)
+    keeps the connection's asyncio transport on the object its ``send`` is bound to; a
+    stalled export is cut off through it (api/data.py)."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not callable(getattr(transport, "abort", None)):
+        return None
+
+    def abort() -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Closing a socket with unsent data leaves the kernel delivering it (and the
+            # buffers held) for minutes; a zero linger time makes the close a reset.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    return abort
 
 
 @get("/health", include_in_schema=False, sync_to_thread=False)

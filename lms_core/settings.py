@@ -109,6 +109,13 @@ class ApiSettings:
     # Only from them is X-Forwarded-For believed; anyone else could forge it to dodge the
     # per-address login limit.
     trusted_proxies: tuple[str, ...] = ()
+    # Exports stream from a server-side cursor on a small pool of their own, so slow readers
+    # never take the connections ordinary requests need. Beyond these many at once (per API
+    # process, per user) an export is answered 429; a reader that takes nothing for the
+    # stall time is cut off and its place freed.
+    export_concurrency: int = 4  # LMS_API_EXPORT_CONCURRENCY: also the export pool's size
+    exports_per_user: int = 2  # LMS_API_EXPORTS_PER_USER
+    export_stall_s: int = 30  # LMS_API_EXPORT_STALL_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +207,9 @@ class Settings:
                                              1, 100_000),
             login_window_s=_int(env, "LMS_LOGIN_WINDOW_SECONDS", _API.login_window_s, 1, 86400),
             trusted_proxies=proxies,
+            export_concurrency=_int(env, "LMS_API_EXPORT_CONCURRENCY", _API.export_concurrency, 1, 100),
+            exports_per_user=_int(env, "LMS_API_EXPORTS_PER_USER", _API.exports_per_user, 1, 100),
+            export_stall_s=_int(env, "LMS_API_EXPORT_STALL_SECONDS", _API.export_stall_s, 1, 3600),
         )
         level = _choice(env, "LMS_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"))
         return cls(
