@@ -76,6 +76,7 @@ class AsyncMqttClient:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._entered = False
         self._sock: Any = None
         kwargs: dict[str, Any] = {}
         if protocol != paho.MQTTv5:
@@ -110,6 +111,12 @@ class AsyncMqttClient:
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncMqttClient:
+        # Single-use, like httpx's clients: a failed __aenter__ closes the client, and a
+        # closed one would connect again but never reconnect (it is closing for good).
+        # Whoever retries makes a new client.
+        if self._entered:
+            raise RuntimeError(f"{self.name}: an AsyncMqttClient is single-use; make a new one to connect again")
+        self._entered = True
         self._loop = asyncio.get_running_loop()
         try:
             await self._connect_once()
