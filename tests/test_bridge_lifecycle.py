@@ -5,6 +5,7 @@ ingesting for good while every service it needs was (or came) back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -157,3 +158,52 @@ def _publish_and_wait(s: Stack, creds: Any, n: int) -> None:
         wait_until(lambda: s.scalar("SELECT count(*) FROM readings") == n, 30, f"{n} readings")
     finally:
         dev.close()
+
+
+def test_connecting_does_not_stall_the_event_loop() -> None:
+    """paho connects synchronously (DNS, TCP, TLS). Done on the loop, a broker that does not
+    answer the SYN froze every other task - commits, acknowledgements, pings - for the whole
+    connect time-out. A listener whose accept queue is full drops SYNs: that is the broker."""
+    import socket
+
+    from lms_core.settings import MqttUrl
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue (backlog 0 admits one or two)
+        f = socket.socket()
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect(("127.0.0.1", port))
+        fillers.append(f)
+
+    async def run() -> tuple[int, float]:
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.05)
+                ticks += 1
+
+        beat = asyncio.create_task(heartbeat())
+        client = AsyncMqttClient(MqttUrl.parse(f"mqtt://u:p@127.0.0.1:{port}"), name="probe")
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            await client.__aenter__()
+        took = time.monotonic() - started
+        beat.cancel()
+        return ticks, took
+
+    try:
+        ticks, took = asyncio.run(run())
+    finally:
+        for f in fillers:
+            f.close()
+        listener.close()
+    assert took >= 1, f"the connect attempt failed in {took:.2f} s: the listener did not stall it"
+    # The loop kept running while the attempt waited (about 20 ticks a second).
+    assert ticks >= took * 5, (ticks, took)
