@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
 from prometheus_client import start_http_server
@@ -26,7 +28,9 @@ T = TypeVar("T")
 
 
 async def _retry(what: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
-    """Retry a startup step while its service is not there yet, up to ``timeout`` s."""
+    """Retry a startup step while its service is not there yet, up to ``timeout`` s.
+    ``fn`` must make whatever it needs afresh on each call: a connection object whose
+    first attempt failed is never tried again (clients and pools are single-use)."""
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:
@@ -38,6 +42,13 @@ async def _retry(what: str, fn: Callable[[], Awaitable[T]], timeout: float) -> T
             log.warning("%s not ready (%s); retrying", what, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
+
+
+async def _open(stack: contextlib.AsyncExitStack, what: str, factory: Callable[[], AbstractAsyncContextManager[T]],
+                timeout: float) -> T:
+    """Enter a new context manager from ``factory`` on ``stack``, retrying with a new one
+    while ``what`` is not there yet."""
+    return await _retry(what, lambda: stack.enter_async_context(factory()), timeout)
 
 
 async def check_schema(pool: db.asyncpg.Pool) -> None:
@@ -60,33 +71,27 @@ async def reconcile_broker(settings: Settings, pool: db.asyncpg.Pool) -> dict[st
 
 
 async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float = 30) -> None:
-    """Run one bridge until ``stop`` is set; then flush, commit, acknowledge, disconnect."""
+    """Run one bridge until ``stop`` is set; then flush, commit, acknowledge, disconnect.
+
+    Opened in order - metrics server, pool, broker reconcile, ingest - and closed in
+    reverse by one exit stack, whatever fails on the way.
+    """
     metrics = BridgeMetrics()
-    server = None
-    if settings.bridge.metrics_port:
-        try:
-            server, _thread = start_http_server(settings.bridge.metrics_port, settings.bridge.metrics_host,
-                                                registry=metrics.registry)
-        except OSError as exc:
-            raise LmsError(f"cannot serve metrics on port {settings.bridge.metrics_port}: {exc}") from None
-    try:
-        pool_cm = db.create_pool(settings.database_url, min_size=1, max_size=3)
-        pool = await _retry("PostgreSQL", pool_cm.__aenter__, startup_timeout)
-        try:
-            await check_schema(pool)
-            counts = await _retry("broker", lambda: reconcile_broker(settings, pool), startup_timeout)
-            log.info("broker reconciled with the database: %s", counts)
-            store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
-            ingest = Ingest(settings, store, metrics)
-            await _retry("broker", ingest.__aenter__, startup_timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.bridge.metrics_port:
             try:
-                log.info("bridge %s ingesting", settings.bridge.client_id)
-                await ingest.run(stop)
-            finally:
-                await ingest.__aexit__(None, None, None)
-        finally:
-            await pool_cm.__aexit__(None, None, None)
-    finally:
-        if server is not None:
-            server.shutdown()
+                server, _thread = start_http_server(settings.bridge.metrics_port, settings.bridge.metrics_host,
+                                                    registry=metrics.registry)
+            except OSError as exc:
+                raise LmsError(f"cannot serve metrics on port {settings.bridge.metrics_port}: {exc}") from None
+            stack.callback(server.shutdown)
+        pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=3),
+                           startup_timeout)
+        await check_schema(pool)
+        counts = await _retry("broker", lambda: reconcile_broker(settings, pool), startup_timeout)
+        log.info("broker reconciled with the database: %s", counts)
+        store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
+        ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
+        log.info("bridge %s ingesting", settings.bridge.client_id)
+        await ingest.run(stop)
     log.info("bridge stopped")

@@ -25,7 +25,7 @@ import asyncpg
 
 from bridge.decode import Rejected, TelemetryDecoder
 from bridge.metrics import BridgeMetrics
-from lms_core.db import is_transient
+from lms_core.db import is_transient, translate
 from lms_core.topics import TopicScheme
 
 log = logging.getLogger("lms.bridge.store")
@@ -167,19 +167,26 @@ class Store:
     # -- writing ---------------------------------------------------------------------
 
     async def commit(self, messages: list[Message]) -> Batch:
-        """Store ``messages`` in one transaction; raise only for connection failures
-        (the caller retries). Returns what was written."""
-        async with self.pool.acquire() as conn:
-            await self._resolve(conn, messages)
-            batch = self.build(messages)
-            try:
-                async with conn.transaction():
-                    await self._write(conn, batch)
-            except asyncpg.PostgresError as exc:
-                if is_transient(exc):
-                    raise
-                log.error("batch refused by the database, retrying message by message: %s", exc)
-                batch = await self._write_one_by_one(conn, messages)
+        """Store ``messages`` in one transaction and return what was written.
+
+        Raises :class:`DatabaseUnavailable` when the work may succeed if tried again (the
+        caller keeps the batch unacknowledged and retries) and :class:`StorageError` for
+        anything else; no driver type escapes (:func:`lms_core.db.translate`).
+        """
+        try:
+            async with self.pool.acquire() as conn:
+                await self._resolve(conn, messages)
+                batch = self.build(messages)
+                try:
+                    async with conn.transaction():
+                        await self._write(conn, batch)
+                except asyncpg.PostgresError as exc:
+                    if is_transient(exc):
+                        raise
+                    log.error("batch refused by the database, retrying message by message: %s", exc)
+                    batch = await self._write_one_by_one(conn, messages)
+        except Exception as exc:
+            raise translate(exc) from exc
         self._after_commit(batch)
         return batch
 

@@ -1,4 +1,4 @@
-"""The ingest loop: receive through a shared subscription, commit in batches, then ack.
+"""The ingest loop: receive (exclusive or shared subscription), commit in batches, then ack.
 
 Messages are appended to a list by paho's callback (in the event loop's thread, see
 lms_core/mqtt.py). One flusher task takes up to ``batch_size`` of them, commits them
@@ -18,13 +18,11 @@ import contextlib
 import logging
 import time
 
-import asyncpg
 import paho.mqtt.client as paho
 
 from bridge.metrics import BridgeMetrics
 from bridge.store import Message, Store
-from lms_core.db import is_transient
-from lms_core.errors import BrokerError, BrokerUnavailable
+from lms_core.errors import BrokerError, BrokerUnavailable, DatabaseUnavailable
 from lms_core.mqtt import AsyncMqttClient
 from lms_core.settings import Settings
 from lms_core.topics import TopicScheme
@@ -191,12 +189,10 @@ class Ingest:
             try:
                 written = await self.store.commit(batch)
                 break
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
-                if not is_transient(exc):
-                    raise
+            except DatabaseUnavailable as exc:
                 self.metrics.db_errors.inc()
                 log.warning("database unavailable (%s); holding %d message(s) unacknowledged, retry in %.1f s",
-                            exc.__class__.__name__, len(batch), delay)
+                            exc, len(batch), delay)
                 if stop.is_set() and delay >= 5:
                     # Stopping while the database is down: leave the batch to the broker.
                     log.warning("stopping with %d uncommitted message(s) left to the broker",

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 
-from lms_core.errors import DatabaseUnavailable
+from lms_core.errors import DatabaseUnavailable, StorageError
 
 #: Errors that mean "the database is not there right now"; anything else is a bug or bad data.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -36,6 +36,36 @@ def is_transient(exc: BaseException) -> bool:
     """Worth retrying as is: the connection failed, or the transaction lost a race
     (SQLSTATE class 40: deadlock, serialization failure)."""
     return is_connection_error(exc) or (getattr(exc, "sqlstate", None) or "").startswith("40")
+
+
+#: SQLSTATE classes that say "not now" rather than "not this data": connection exception
+#: (08), transaction rollback (40: deadlock, serialization), insufficient resources (53),
+#: operator intervention (57: shutdown, cancel), system error (58: I/O) and internal error (XX).
+_UNAVAILABLE_CLASSES = ("08", "40", "53", "57", "58", "XX")
+
+
+def translate(exc: BaseException) -> StorageError:
+    """The driver's and the socket's errors in the core's terms. This is the one place that
+    knows asyncpg's types: a storage layer catches ``Exception`` at its boundary and raises
+    what this returns, so callers decide on :class:`DatabaseUnavailable` alone.
+
+    Anything that is not about the data - a lost or refused connection, a time-out, a
+    driver-internal failure (asyncpg raised ``InternalClientError`` at COMMIT during an
+    outage), a race lost to another transaction - is ``DatabaseUnavailable``: the same
+    work may succeed when tried again. The rest (bad SQL, a constraint the data breaks) is
+    a plain ``StorageError``.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    what = f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if state.startswith(_UNAVAILABLE_CLASSES) or isinstance(exc, CONNECTION_ERRORS):
+            return DatabaseUnavailable(what)
+        return StorageError(what)
+    if isinstance(exc, (*CONNECTION_ERRORS, asyncpg.exceptions.InternalClientError)):
+        return DatabaseUnavailable(what)
+    return StorageError(what)
 
 
 def _describe(url: str) -> str:

@@ -22,6 +22,7 @@ import logging
 import random
 import ssl
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,8 @@ class AsyncMqttClient:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._entered = False
+        self._loop_thread = 0
         self._sock: Any = None
         kwargs: dict[str, Any] = {}
         if protocol != paho.MQTTv5:
@@ -110,7 +113,14 @@ class AsyncMqttClient:
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncMqttClient:
+        # Single-use, like httpx's clients: a failed __aenter__ closes the client, and a
+        # closed one would connect again but never reconnect (it is closing for good).
+        # Whoever retries makes a new client.
+        if self._entered:
+            raise RuntimeError(f"{self.name}: an AsyncMqttClient is single-use; make a new one to connect again")
+        self._entered = True
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         try:
             await self._connect_once()
         except BaseException:
@@ -150,15 +160,10 @@ class AsyncMqttClient:
         assert self._loop is not None
         waiter = self._new_waiter()
         try:
-            if self.protocol == paho.MQTTv5:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = self.session_expiry if self.persistent else 0
-                self.client.connect(
-                    self.url.host, self.url.port, self.keepalive,
-                    clean_start=not self.persistent, properties=props,
-                )
-            else:
-                self.client.connect(self.url.host, self.url.port, self.keepalive)
+            # paho resolves, connects and shakes hands (TLS) synchronously: off the loop, so
+            # a slow DNS answer or an unanswered SYN never stalls commits and acknowledgements.
+            # paho's socket callbacks then arrive from the worker thread (see _on_loop).
+            await self._loop.run_in_executor(None, self._connect_blocking)
         except (OSError, ssl.SSLError) as exc:
             self._connect_waiter = None
             raise BrokerUnavailable(f"cannot reach MQTT broker at {self.url.public()}: {exc}") from None
@@ -167,6 +172,27 @@ class AsyncMqttClient:
         except TimeoutError:
             self._drop_socket()
             raise BrokerUnavailable(f"MQTT broker at {self.url.public()} did not answer CONNECT") from None
+
+    def _connect_blocking(self) -> None:
+        if self.protocol == paho.MQTTv5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry if self.persistent else 0
+            self.client.connect(self.url.host, self.url.port, self.keepalive,
+                                clean_start=not self.persistent, properties=props)
+        else:
+            self.client.connect(self.url.host, self.url.port, self.keepalive)
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn`` now when called on the loop's thread (every hot-path call), else
+        hand it to the loop: paho calls its socket callbacks from inside ``connect``,
+        which runs in a worker thread, and the loop's reader/writer registry is not
+        thread-safe. Hand-offs keep their order, so a socket opened then closed by one
+        connect attempt is registered then unregistered."""
+        assert self._loop is not None
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
 
     def _new_waiter(self) -> asyncio.Future[None]:
         assert self._loop is not None
@@ -292,7 +318,16 @@ class AsyncMqttClient:
     # -- paho callbacks (run in the loop thread) -----------------------------------
 
     def _sock_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._register, sock)
+
+    def _register(self, sock: Any) -> None:
         assert self._loop is not None
+        if self._closing:  # closed while a connect attempt was still running in its thread
+            with contextlib.suppress(Exception):
+                sock.close()
+            return
+        if sock.fileno() < 0:  # opened and closed again by that attempt before we got here
+            return
         self._sock = sock
         self._loop.add_reader(sock, self._read)
 
@@ -303,6 +338,9 @@ class AsyncMqttClient:
             self._drop_socket()
 
     def _sock_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._unregister, sock)
+
+    def _unregister(self, sock: Any) -> None:
         assert self._loop is not None
         self._loop.remove_reader(sock)
         self._loop.remove_writer(sock)
@@ -323,10 +361,17 @@ class AsyncMqttClient:
             self._after_disconnect()
 
     def _reg_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._add_writer, sock)
+
+    def _add_writer(self, sock: Any) -> None:
         assert self._loop is not None
-        self._loop.add_writer(sock, client.loop_write)
+        if sock.fileno() >= 0:
+            self._loop.add_writer(sock, self.client.loop_write)
 
     def _unreg_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._on_loop(self._remove_writer, sock)
+
+    def _remove_writer(self, sock: Any) -> None:
         assert self._loop is not None
         self._loop.remove_writer(sock)
 

@@ -105,11 +105,11 @@ class Stack:
         env.update(overrides)
         return env
 
-    def start_bridge(self, client_id: str = "lms-bridge-1", **overrides: str) -> BridgeProcess:
+    def start_bridge(self, client_id: str = "lms-bridge-1", *, wait: bool = True, **overrides: str) -> BridgeProcess:
         port = free_port()
         env = self.env(LMS_BRIDGE_CLIENT_ID=client_id, LMS_BRIDGE_METRICS_PORT=str(port), **overrides)
         b = BridgeProcess(env, self.root / f"bridge-{client_id}.log", port)
-        b.start()
+        b.start(wait=wait)
         self.bridges.append(b)
         return b
 
