@@ -282,11 +282,14 @@ class Provisioner:
             if client is None:
                 cmds.append({"command": "createClient", "username": t["username"],
                              "password": derive_password(self.secret, "tech", t["username"], t["nonce"]),
+                             "clientid": t["username"],
                              "textname": f"technician of {t['org']}", "roles": [{"rolename": role}]})
                 counts["created"] += 1
-            elif set(client.roles) != {role} or client.groups:
-                cmds.append({"command": "modifyClient", "username": t["username"], "roles": [{"rolename": role}],
-                             "groups": []})
+            elif set(client.roles) != {role} or client.groups or client.clientid != t["username"]:
+                # Its own role, no group, and its client id pinned to its name (an unpinned
+                # login could take over the bridge's or a device's session).
+                cmds.append({"command": "modifyClient", "username": t["username"], "clientid": t["username"],
+                             "roles": [{"rolename": role}], "groups": []})
                 counts["acl_fixed"] += 1
         for user, client in clients.items():
             if user.startswith(TECH_ROLE_PREFIX) and user not in wanted_users and any(
