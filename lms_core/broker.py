@@ -200,6 +200,7 @@ class BrokerAdmin:
 
     def __init__(self, url: MqttUrl, topics: TopicScheme, *, client_id: str = "") -> None:
         self.topics = topics
+        self._url = url
         self._mqtt = AsyncMqttClient(url, client_id=client_id, on_message=self._on_message,
                                      name="broker-admin")
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -325,6 +326,39 @@ class BrokerAdmin:
                 {"command": "setClientPassword", "username": username, "password": password},
             ])
         return username
+
+    async def delete_org_logins(self, org: str, devices: list[str], technicians: list[str]) -> None:
+        """Delete every broker login of an organization: its devices' clients and roles, its
+        technicians' clients and its technician role. The plugin disconnects connected ones."""
+        cmds: list[dict[str, Any]] = []
+        for device in devices:
+            cmds.append({"command": "deleteClient", "username": device_username(org, device)})
+            cmds.append({"command": "deleteRole", "rolename": device_rolename(org, device)})
+        cmds += [{"command": "deleteClient", "username": u} for u in technicians]
+        cmds.append({"command": "deleteRole", "rolename": tech_rolename(org)})
+        for i in range(0, len(cmds), 200):  # one bounded message each (see reconcile)
+            await self.execute(cmds[i : i + 200], ignore=("not found",))
+
+    async def forget(self, client_ids: list[str], retained_topics: list[str]) -> None:
+        """Discard what the broker keeps for deleted logins: their sessions (subscriptions
+        and queued messages, which a later login of the same client id would otherwise
+        resume, and which keep collecting messages of a later organization of the same
+        slug) and their retained messages.
+
+        The service account's client id is not pinned (module docstring), so it can
+        connect under each id with a clean session, which is how MQTT discards one.
+        Run after the logins were deleted, so nobody else is connected under those ids
+        (and a kicked device's Last Will was already published, then cleared here).
+        """
+        async def discard(client_id: str) -> None:
+            async with AsyncMqttClient(self._url, client_id=client_id, name="session discard"):
+                pass
+
+        for i in range(0, len(client_ids), 20):
+            await asyncio.gather(*(discard(c) for c in client_ids[i : i + 20]))
+        for topic in retained_topics:
+            # An empty retained message deletes the retained one (MQTT 3.1.1 3.3.1.3).
+            await self._mqtt.publish(topic, b"", qos=1, retain=True)
 
     async def delete_client(self, username: str) -> None:
         """Delete a client; connected sessions of it are disconnected by the plugin."""

@@ -210,6 +210,35 @@ class Provisioner:
             await self.admin.delete_device(org, device)
         log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
 
+    async def delete_org(self, org_id: int, org: str) -> None:
+        """Delete an organization with its devices, data, quarantine and every broker login
+        of it; connected logins are disconnected, and their sessions and retained messages
+        discarded, before this returns.
+
+        The broker calls run inside the database transaction (as in :meth:`create_device`):
+        if the broker fails, nothing is deleted and the caller may retry. The organization's
+        row is locked first, so a device or technician login created concurrently either
+        committed before (and is deleted here) or fails on the missing organization.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+            if await conn.fetchval("SELECT id FROM organizations WHERE id = $1 FOR UPDATE", org_id) is None:
+                raise NotFound(f"organization {org} does not exist")
+            devices = [r["slug"] for r in await conn.fetch("SELECT slug FROM devices WHERE org_id = $1", org_id)]
+            techs = [r["username"] for r in await conn.fetch(
+                "SELECT username FROM mqtt_credentials WHERE org_id = $1", org_id)]
+            await conn.execute("DELETE FROM readings WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
+                               org_id)
+            await conn.execute("DELETE FROM events WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
+                               org_id)
+            await conn.execute("DELETE FROM quarantine WHERE org_id = $1", org_id)
+            await conn.execute("DELETE FROM organizations WHERE id = $1", org_id)
+            await self.admin.delete_org_logins(org, devices, techs)
+            await self.admin.forget(
+                [device_username(org, d) for d in devices] + techs,
+                [f"{self.topics.device_prefix(org, d)}/{kind}" for d in devices for kind in ("status", "config")])
+        log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
+
     async def reconcile(self) -> dict[str, int]:
         """Make the broker's device clients and roles match the database.
 
