@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -12,6 +13,7 @@ from prometheus_client import start_http_server
 
 from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
+from bridge.retained import RetainedJanitor
 from bridge.store import Store
 from bridge.subscribe import Ingest
 from lms_core import db, migrations
@@ -81,7 +83,15 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
             await _retry("broker", ingest.__aenter__, startup_timeout)
             try:
                 log.info("bridge %s ingesting", settings.bridge.client_id)
-                await ingest.run(stop)
+                # Not a TaskGroup: the ingest's own errors must reach the caller unwrapped.
+                janitor = asyncio.create_task(RetainedJanitor(settings, store, metrics).run(stop),
+                                              name="retained janitor")
+                try:
+                    await ingest.run(stop)
+                finally:
+                    janitor.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await janitor
             finally:
                 await ingest.__aexit__(None, None, None)
         finally:

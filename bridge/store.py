@@ -77,6 +77,9 @@ class Store:
         self._cache_at = time.monotonic()
         self._seen_written: dict[int, float] = {}
         self._dedup_until = 0.0
+        #: topic -> until when (epoch s) an empty message on it is the echo of the retained
+        #: message the janitor cleared there (bridge/retained.py), not a device's mistake.
+        self.cleared: dict[str, float] = {}
 
     # -- device ids ----------------------------------------------------------------
 
@@ -158,6 +161,8 @@ class Store:
                 else:
                     raise Rejected(f"the bridge does not take messages on '{kind}'")
             except Rejected as exc:
+                if not payload and self.cleared.get(topic, 0.0) >= now:
+                    continue  # the janitor's clearing of a retained message: nothing to store
                 self._quarantine(b, topic, payload, now, str(exc), kind.split("/")[0], org, dev)
             except Exception as exc:
                 # A decoder bug must not become a poison message that stops every device.
