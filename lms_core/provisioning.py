@@ -208,6 +208,10 @@ class Provisioner:
                 await conn.execute("DELETE FROM readings WHERE device_id = $1", dev_id)
                 await conn.execute("DELETE FROM events WHERE device_id = $1", dev_id)
             await self.admin.delete_device(org, device)
+            # A device created later under the same slugs must not resume this one's session
+            # (its queued commands) nor show its retained status and config.
+            await self.admin.forget([device_username(org, device)],
+                                    [f"{self.topics.device_prefix(org, device)}/{k}" for k in ("status", "config")])
         log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
 
     async def delete_org(self, org_id: int, org: str) -> None:

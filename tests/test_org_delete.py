@@ -108,3 +108,38 @@ def test_deleted_org_logins_are_gone_and_a_new_org_of_the_same_slug_sees_nothing
     assert second.call("GET", f"/api/v1/orgs/{unique}/quarantine").json()["items"] == []
     for u in (first, second):
         u.client.close()
+
+
+def test_a_device_recreated_under_the_same_slug_is_written_under_its_new_id(
+        api: ApiProcess, stack: Stack, unique: str) -> None:
+    port = stack.mq.port
+    owner = User(api, f"{unique}@example.com")
+    assert owner.call("POST", "/api/v1/orgs", {"slug": unique}).status_code == 201
+    old_creds = DeviceCredentials(**owner.call("POST", f"/api/v1/orgs/{unique}/devices", {"slug": "d1"}
+                                               ).json()["credentials"])
+    old = Device(port, old_creds)
+    assert old.connect().value == 0
+    old.client.publish(f"{old_creds.topic_prefix}/status", "online", qos=1, retain=True).wait_for_publish(5)
+    old.publish_wait("telemetry", json.dumps({"temp": 1}))
+    old_id = device_id(stack, unique, "d1")
+    wait_until(lambda: stack.scalar("SELECT count(*) FROM readings WHERE device_id = $1", old_id) == 1, 15,
+               "the old device's reading (its id now in the bridge's cache)")
+
+    assert owner.call("DELETE", f"/api/v1/orgs/{unique}/devices/d1").status_code == 204
+    wait_until(lambda: old.disconnects, 5, "the deleted device to be disconnected")
+    old.stop()
+    new_creds = DeviceCredentials(**owner.call("POST", f"/api/v1/orgs/{unique}/devices", {"slug": "d1"}
+                                               ).json()["credentials"])
+    tech = owner.call("POST", f"/api/v1/orgs/{unique}/mqtt-credentials", {}).json()
+    watch = Watcher(port, tech["username"], tech["password"], f"lms/{unique}/#")
+    time.sleep(0.5)
+    assert [(m.topic, m.payload) for m in watch.messages] == []  # no retained status of the old device
+    watch.stop()
+    new_id = device_id(stack, unique, "d1")
+    new = Device(port, new_creds)
+    assert new.connect().value == 0
+    new.publish_wait("telemetry", json.dumps({"temp": 2}))
+    wait_until(lambda: stack.scalar("SELECT count(*) FROM readings WHERE device_id = $1", new_id) == 1, 15,
+               "the new device's reading under the new device id")
+    new.close()
+    owner.client.close()
