@@ -333,7 +333,8 @@ class Provisioner:
                 cmds.append({"command": "deleteClient", "username": user})
                 counts["deleted"] += 1
         for role in roles:
-            if role.startswith(DEVICE_ROLE_PREFIX) and role not in wanted_roles:
+            # Roles of deleted devices, and technician roles of organizations that have none.
+            if role.startswith((DEVICE_ROLE_PREFIX, TECH_ROLE_PREFIX)) and role not in wanted_roles:
                 cmds.append({"command": "deleteRole", "rolename": role})
         # The plugin rewrites its whole file after each command message; chunks keep one
         # message from growing without bound for a large fleet.
