@@ -16,10 +16,12 @@ with the retain flag set; the janitor answers each with an empty retained messag
 deletes it. Then it unsubscribes and disconnects.
 
 Why a periodic sweep and not a standing subscription with retain-as-published: a standing
-subscription would deliver the whole telemetry stream a second time to this process, the
-same event loop that ingests it (roughly doubling the bridge's per-message parsing cost);
-the sweep sees live traffic only for the fraction of a second it is subscribed. The price:
-a retained message lives at most one sweep interval.
+subscription would deliver the whole telemetry stream a second time to this process, on
+the same event loop that ingests it, and paho's parser is most of what a message costs the
+bridge (lms_core/mqtt.py); the sweep sees live traffic only for the fraction of a second it
+is subscribed. The price: a retained message lives at most one sweep interval. MQTT 3.1.1
+is enough here: the broker sets the retain flag on the replay to a new subscription in
+every MQTT version (retain-as-published matters only for live messages).
 
 An empty message is also delivered, live, to the bridge's own subscription. The ingest
 path would quarantine it as an empty payload; the janitor therefore records each topic it
