@@ -298,8 +298,8 @@ class DataController(Controller):
         """What the bridge refused for this organization, newest first, and why."""
         rows = await request.app.state.pool.fetch(
             """SELECT id, received_at, topic, device_slug, reason, payload FROM quarantine
-               WHERE org_slug = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
-            access.slug, before, limit + 1)
+               WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
+            access.org_id, before, limit + 1)
         items = [Quarantined(id=r["id"], received_at=r["received_at"], topic=r["topic"], device=r["device_slug"],
                              reason=r["reason"], payload=base64.b64encode(r["payload"][:65536]).decode(),
                              size=len(r["payload"])) for r in rows[:limit]]

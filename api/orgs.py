@@ -17,6 +17,7 @@ from msgspec import Meta
 from api.access import Access, org_guard, provide_org
 from api.auth.service import audit
 from api.deps import Me, Req, client_address, provide_principal, provide_user_session, request_id
+from api.devices import provisioner
 from lms_core.errors import AlreadyExists
 
 Slug = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", examples=[])]
@@ -92,17 +93,12 @@ class OrgController(Controller):
 
     @delete("/", opt={"perm": "org.manage"}, status_code=HTTP_204_NO_CONTENT)
     async def delete_org(self, request: Req, access: Access) -> None:
-        """Delete the organization with its devices, members and data. Its devices' broker
-        credentials go at the next reconcile (lms reconcile, or a bridge start)."""
-        pool = request.app.state.pool
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("DELETE FROM readings WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
-                               access.org_id)
-            await conn.execute("DELETE FROM events WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
-                               access.org_id)
-            await conn.execute("DELETE FROM organizations WHERE id = $1", access.org_id)
-            await audit(conn, "org.deleted", actor=access.principal.user_id, target=access.slug,
-                        address=client_address(request), request_id=request_id(request))
+        """Delete the organization with its devices, members and data. Every broker login of
+        it (devices, technicians) is removed and disconnected before the answer."""
+        async with provisioner(request) as prov:
+            await prov.delete_org(access.org_id, access.slug)
+        await audit(request.app.state.pool, "org.deleted", actor=access.principal.user_id, target=access.slug,
+                    address=client_address(request), request_id=request_id(request))
 
     @get("/members", opt={"perm": "org.read"})
     async def members(self, request: Req, access: Access) -> list[Member]:

@@ -71,8 +71,9 @@ class TechniciansController(Controller):
                     address=client_address(request), request_id=request_id(request))
         url = MqttUrl.parse(settings.device_mqtt_url)
         topic = f"{settings.topic_root}/{access.slug}/#"
+        # The login's client id is pinned to its username (lms_core/broker.py): -i is required.
         sub = shlex.join(["mosquitto_sub", "-h", url.host, "-p", str(url.port), "-u", username, "-P", password,
-                          "-t", topic, "-v"])
+                          "-i", username, "-t", topic, "-v"])
         return TechnicianCreated(id=cred_id, username=username, password=password, expires_at=expires,
                                  topic_filter=topic, mqtt_url=url.public(), mosquitto_sub=sub)
 

@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 
 from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
+from bridge.retained import RetainedJanitor
 from bridge.store import Store
 from bridge.subscribe import Ingest
 from lms_core import db, migrations
@@ -49,6 +50,14 @@ async def _open(stack: contextlib.AsyncExitStack, what: str, factory: Callable[[
     """Enter a new context manager from ``factory`` on ``stack``, retrying with a new one
     while ``what`` is not there yet."""
     return await _retry(what, lambda: stack.enter_async_context(factory()), timeout)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Stop a helper task the bridge owns. Not a TaskGroup around the ingest: its errors
+    must reach the caller unwrapped; the janitor catches its own (bridge/retained.py)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def check_schema(pool: db.asyncpg.Pool) -> None:
@@ -92,6 +101,8 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         log.info("broker reconciled with the database: %s", counts)
         store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
         ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
+        janitor = asyncio.create_task(RetainedJanitor(settings, store, metrics).run(stop), name="retained janitor")
+        stack.push_async_callback(_cancel, janitor)  # closed first: before the ingest and the pool
         log.info("bridge %s ingesting", settings.bridge.client_id)
         await ingest.run(stop)
     log.info("bridge stopped")

@@ -24,4 +24,6 @@ class BridgeMetrics:
         self.db_errors = Counter("lms_bridge_db_errors", "Failed batch writes (retried)", registry=r)
         self.dedup_batches = Counter("lms_bridge_dedup_batches",
                                      "Batches written through the de-duplicating path", registry=r)
+        self.retained_cleared = Counter("lms_bridge_retained_cleared",
+                                        "Retained messages devices left outside 'status', cleared", registry=r)
         self.connected = Gauge("lms_bridge_mqtt_connected", "1 while connected to the broker", registry=r)

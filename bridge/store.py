@@ -41,8 +41,10 @@ DEDUP_HOLD_S = 30.0
 #: last_seen_at is refreshed at most this often per device: it is for people, and each
 #: update rewrites the device's row.
 SEEN_EVERY_S = 1.0
-#: Device ids are cached; the cache is dropped this often so that a device deleted and
-#: created again under the same slug is looked up afresh.
+#: Device ids are cached. The cache is dropped whenever a device or an organization was
+#: deleted or renamed (``device_directory_version``, migration 0003, read before every
+#: batch), so a device re-created under the same slugs is never written under its old id;
+#: and, as a backstop, this often.
 CACHE_TTL_S = 60.0
 
 
@@ -53,7 +55,8 @@ class Batch:
     statuses: dict[int, tuple[str, datetime]] = field(default_factory=dict)
     seen: dict[int, float] = field(default_factory=dict)
     seen_due: dict[int, float] = field(default_factory=dict)  # last-seen times this batch writes
-    quarantine: list[tuple[datetime, str, bytes, str, str | None, str | None]] = field(default_factory=list)
+    quarantine: list[tuple[datetime, str, bytes, str, str | None, str | None, int | None]] = field(
+        default_factory=list)
     quarantined_kinds: list[str] = field(default_factory=list)
     replayed: int = 0  # retained messages replayed by the broker, not stored again
     received: dict[str, int] = field(default_factory=dict)  # messages per topic kind
@@ -69,15 +72,23 @@ class Store:
         self.root = topics.root
         self.metrics = metrics
         self._devices: dict[tuple[str, str], int] = {}
+        self._orgs: dict[str, int] = {}  # slug -> id, for quarantine rows; filled with _devices
+        self._directory_version: int | None = None
         self._cache_at = time.monotonic()
         self._seen_written: dict[int, float] = {}
         self._dedup_until = 0.0
+        #: topic -> until when (epoch s) an empty message on it is the echo of the retained
+        #: message the janitor cleared there (bridge/retained.py), not a device's mistake.
+        self.cleared: dict[str, float] = {}
 
     # -- device ids ----------------------------------------------------------------
 
     async def _resolve(self, conn: asyncpg.Connection, messages: list[Message]) -> None:
-        if time.monotonic() - self._cache_at > CACHE_TTL_S:
+        version = await conn.fetchval("SELECT n FROM device_directory_version")
+        if version != self._directory_version or time.monotonic() - self._cache_at > CACHE_TTL_S:
             self._devices.clear()
+            self._orgs.clear()
+            self._directory_version = version
             self._cache_at = time.monotonic()
         missing: set[tuple[str, str]] = set()
         devices = self._devices
@@ -89,13 +100,15 @@ class Store:
             return
         orgs, devs = zip(*missing, strict=True)
         rows = await conn.fetch(
-            """SELECT o.slug AS org, d.slug AS device, d.id FROM devices d
-               JOIN organizations o ON o.id = d.org_id
-               JOIN unnest($1::text[], $2::text[]) AS k(org, device) ON k.org = o.slug AND k.device = d.slug""",
+            """SELECT k.org, k.device, o.id AS org_id, d.id FROM unnest($1::text[], $2::text[]) AS k(org, device)
+               JOIN organizations o ON o.slug = k.org
+               LEFT JOIN devices d ON d.org_id = o.id AND d.slug = k.device""",
             list(orgs), list(devs),
         )
         for r in rows:
-            devices[(r["org"], r["device"])] = r["id"]
+            self._orgs[r["org"]] = r["org_id"]
+            if r["id"] is not None:
+                devices[(r["org"], r["device"])] = r["id"]
 
     # -- decoding --------------------------------------------------------------------
 
@@ -117,6 +130,11 @@ class Store:
                 n_telemetry += 1
             dev_id = devices.get((org, dev))
             if dev_id is None:
+                if not payload:
+                    # An empty message is how a retained one is cleared (the platform does it
+                    # when it deletes a device); only the platform may publish for a device
+                    # that does not exist, and there is nothing to store or to explain.
+                    continue
                 self._quarantine(b, topic, payload, now, f"unknown device {org}/{dev}", "unknown_device", org, dev)
                 continue
             try:
@@ -143,6 +161,8 @@ class Store:
                 else:
                     raise Rejected(f"the bridge does not take messages on '{kind}'")
             except Rejected as exc:
+                if not payload and self.cleared.get(topic, 0.0) >= now:
+                    continue  # the janitor's clearing of a retained message: nothing to store
                 self._quarantine(b, topic, payload, now, str(exc), kind.split("/")[0], org, dev)
             except Exception as exc:
                 # A decoder bug must not become a poison message that stops every device.
@@ -158,10 +178,12 @@ class Store:
                     b.received[kind] = b.received.get(kind, 0) + 1
         return b
 
-    @staticmethod
-    def _quarantine(b: Batch, topic: str, payload: bytes, now: float, reason: str, kind: str,
+    def _quarantine(self, b: Batch, topic: str, payload: bytes, now: float, reason: str, kind: str,
                     org: str | None, dev: str | None) -> None:
-        b.quarantine.append((datetime.fromtimestamp(now, UTC), topic, payload, reason, org, dev))
+        # Keyed by the organization's id: a later organization of the same slug must not
+        # read it. An unknown organization gets NULL (superusers only).
+        org_id = self._orgs.get(org) if org is not None else None
+        b.quarantine.append((datetime.fromtimestamp(now, UTC), topic, payload, reason, org, dev, org_id))
         b.quarantined_kinds.append(kind)
 
     # -- writing ---------------------------------------------------------------------
@@ -266,8 +288,9 @@ class Store:
     async def _insert_quarantine(conn: asyncpg.Connection, rows: list[Any]) -> None:
         cols = list(zip(*rows, strict=True))
         await conn.execute(
-            """INSERT INTO quarantine (received_at, topic, payload, reason, org_slug, device_slug)
-               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[])""",
+            """INSERT INTO quarantine (received_at, topic, payload, reason, org_slug, device_slug, org_id)
+               SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[],
+                                    $7::bigint[])""",
             *cols,
         )
 

@@ -185,6 +185,7 @@ class LocalStack:
             mq.init()
             print(f"starting Mosquitto on 127.0.0.1:{mq.port} ...", flush=True)
             mq.start()
+            self._ensure_watch(mq, state)
             if not port_free(state["api_port"]):
                 raise StackError(f"port {state['api_port']} (API) is already in use")
             self._start_bridge(env)
@@ -257,6 +258,22 @@ class LocalStack:
 
         asyncio.run(main())
 
+    def _ensure_watch(self, mq: Mosquitto, state: dict[str, Any]) -> None:
+        """The read-only watch login the banner hands out (never the service account, which
+        administers the broker): created or repaired at every start, password in the state."""
+        from lms_core.broker import BrokerAdmin
+        from lms_core.settings import MqttUrl
+
+        if "watch_password" not in state:  # also a state folder from before the watch login
+            state["watch_password"] = new_password()
+            self._save(state)
+
+        async def main() -> str:
+            async with BrokerAdmin(MqttUrl.parse(mq.service_url), mq.topics) as admin:
+                return await admin.ensure_watch(state["watch_password"])
+
+        state["watch_user"] = asyncio.run(main())
+
     def _banner(self, s: dict[str, Any]) -> None:
         lms = "./lms" if Path("lms").is_file() and os.access("lms", os.X_OK) else "lms"
         lan = ("" if s.get("mqtt_listen", "127.0.0.1") != "127.0.0.1"
@@ -274,8 +291,8 @@ Provision a device and publish as it:
   {lms} device create acme sensor-1
   mosquitto_pub -p {s['mqtt_port']} -u acme.sensor-1 -P PASSWORD -i acme.sensor-1 -q 1 \\
       -t lms/acme/sensor-1/telemetry -m '{{"temp": 21.5}}'
-Watch everything (as the platform service account):
-  mosquitto_sub -p {s['mqtt_port']} -u lms-service -P '{s['service_password']}' -t 'lms/#' -v
+Watch everything (a read-only login: subscribe only, its client id pinned):
+  mosquitto_sub -p {s['mqtt_port']} -u {s['watch_user']} -P '{s['watch_password']}' -i {s['watch_user']} -t 'lms/#' -v
 Settings for other shells:  eval "$({lms} env)"
 
 ready — Ctrl-C stops everything""", flush=True)

@@ -8,6 +8,18 @@ Accounts:
 * a device ``{org}/{device}`` gets client ``{org}.{device}`` whose MQTT client id is
   pinned to the same string, and role ``device.{org}.{device}`` whose ACL allows exactly
   its own topics (DESIGN.md). '.' cannot occur in a slug, so names never collide.
+* a technician login ``tech.{org}.{n}`` holds role ``tech.{org}`` (subscribe to the
+  organization's topics) and its client id is pinned to its username.
+* the watch login (``lms-watch``, made by ``lms up``) holds role ``lms-watch``: subscribe to
+  ``{root}/#`` and nothing else; its client id is pinned to its username.
+
+Every login the platform hands out is pinned to its own client id. Mosquitto gives an
+existing session to whoever connects with its client id, so a login free to choose its id
+could take over the bridge's persistent session (acknowledging, so losing, its backlog) or
+a device's. The service account alone is not pinned: the bridge (one id per process), the
+API and administration commands use it under several ids, and it administers the broker
+anyway (it could create any login it wanted). It is the platform's own secret and is
+never handed to people.
 
 The database is the source of truth; :func:`lms_core.provisioning.reconcile` brings the
 broker in line with it.
@@ -35,6 +47,8 @@ RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
 ADMIN_ROLE = "lms-admin"
 PLATFORM_ROLE = "lms-platform"
 DEVICE_ROLE_PREFIX = "device."
+WATCH_ROLE = "lms-watch"
+WATCH_USER = "lms-watch"
 
 
 def device_username(org: str, device: str) -> str:
@@ -65,6 +79,11 @@ def tech_acls(topics: TopicScheme, org: str) -> list[dict[str, Any]]:
     """A field technician's ACL: subscribe (and so read) everything of one organization,
     publish nothing (the default ACL denies it)."""
     return [{"acltype": "subscribePattern", "topic": f"{topics.root}/{org}/#", "priority": 0, "allow": True}]
+
+
+def watch_acls(topics: TopicScheme) -> list[dict[str, Any]]:
+    """The watch login's ACL: subscribe (and so read) every platform topic, publish nothing."""
+    return [{"acltype": "subscribePattern", "topic": f"{topics.root}/#", "priority": 0, "allow": True}]
 
 
 def device_acls(topics: TopicScheme, org: str, device: str) -> list[dict[str, Any]]:
@@ -181,6 +200,7 @@ class BrokerAdmin:
 
     def __init__(self, url: MqttUrl, topics: TopicScheme, *, client_id: str = "") -> None:
         self.topics = topics
+        self._url = url
         self._mqtt = AsyncMqttClient(url, client_id=client_id, on_message=self._on_message,
                                      name="broker-admin")
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -277,9 +297,68 @@ class BrokerAdmin:
             {"command": "createRole", "rolename": tech_rolename(org), "acls": tech_acls(self.topics, org)},
         ], ignore=("already exists",))
         await self.execute([
-            {"command": "createClient", "username": username, "password": password,
+            {"command": "createClient", "username": username, "password": password, "clientid": username,
              "textname": f"technician of {org}", "roles": [{"rolename": tech_rolename(org)}]},
         ])
+
+    # -- the read-only watch login -------------------------------------------------------
+
+    async def ensure_watch(self, password: str, username: str = WATCH_USER) -> str:
+        """Create or repair the read-only watch login (subscribe to ``{root}/#``, publish
+        nothing, client id pinned to ``username``) with ``password``; return the username.
+        Idempotent: run at every start of the local stack."""
+        acls = watch_acls(self.topics)
+        roles = await self.list_roles()
+        if WATCH_ROLE not in roles:
+            await self.execute([{"command": "createRole", "rolename": WATCH_ROLE, "acls": acls,
+                                 "textname": "read-only watch of all platform topics"}])
+        elif _acl_set(roles[WATCH_ROLE]) != _acl_set(acls):
+            await self.execute([{"command": "modifyRole", "rolename": WATCH_ROLE, "acls": acls}])
+        if username not in await self.list_clients():
+            await self.execute([{"command": "createClient", "username": username, "password": password,
+                                 "clientid": username, "textname": "read-only watch login",
+                                 "roles": [{"rolename": WATCH_ROLE}]}])
+        else:
+            # Exactly this role, no group, its own id: whatever else it had is taken away.
+            await self.execute([
+                {"command": "modifyClient", "username": username, "clientid": username,
+                 "roles": [{"rolename": WATCH_ROLE}], "groups": []},
+                {"command": "setClientPassword", "username": username, "password": password},
+            ])
+        return username
+
+    async def delete_org_logins(self, org: str, devices: list[str], technicians: list[str]) -> None:
+        """Delete every broker login of an organization: its devices' clients and roles, its
+        technicians' clients and its technician role. The plugin disconnects connected ones."""
+        cmds: list[dict[str, Any]] = []
+        for device in devices:
+            cmds.append({"command": "deleteClient", "username": device_username(org, device)})
+            cmds.append({"command": "deleteRole", "rolename": device_rolename(org, device)})
+        cmds += [{"command": "deleteClient", "username": u} for u in technicians]
+        cmds.append({"command": "deleteRole", "rolename": tech_rolename(org)})
+        for i in range(0, len(cmds), 200):  # one bounded message each (see reconcile)
+            await self.execute(cmds[i : i + 200], ignore=("not found",))
+
+    async def forget(self, client_ids: list[str], retained_topics: list[str]) -> None:
+        """Discard what the broker keeps for deleted logins: their sessions (subscriptions
+        and queued messages, which a later login of the same client id would otherwise
+        resume, and which keep collecting messages of a later organization of the same
+        slug) and their retained messages.
+
+        The service account's client id is not pinned (module docstring), so it can
+        connect under each id with a clean session, which is how MQTT discards one.
+        Run after the logins were deleted, so nobody else is connected under those ids
+        (and a kicked device's Last Will was already published, then cleared here).
+        """
+        async def discard(client_id: str) -> None:
+            async with AsyncMqttClient(self._url, client_id=client_id, name="session discard"):
+                pass
+
+        for i in range(0, len(client_ids), 20):
+            await asyncio.gather(*(discard(c) for c in client_ids[i : i + 20]))
+        for topic in retained_topics:
+            # An empty retained message deletes the retained one (MQTT 3.1.1 3.3.1.3).
+            await self._mqtt.publish(topic, b"", qos=1, retain=True)
 
     async def delete_client(self, username: str) -> None:
         """Delete a client; connected sessions of it are disconnected by the plugin."""
@@ -303,3 +382,7 @@ class BrokerAdmin:
     async def list_roles(self) -> dict[str, list[dict[str, Any]]]:
         (resp,) = await self.execute([{"command": "listRoles", "verbose": True, "count": -1}])
         return {r["rolename"]: r.get("acls", []) for r in resp.get("data", {}).get("roles", [])}
+
+
+def _acl_set(acls: list[dict[str, Any]]) -> set[tuple[Any, Any, bool]]:
+    return {(a.get("acltype"), a.get("topic"), bool(a.get("allow"))) for a in acls}

@@ -208,7 +208,40 @@ class Provisioner:
                 await conn.execute("DELETE FROM readings WHERE device_id = $1", dev_id)
                 await conn.execute("DELETE FROM events WHERE device_id = $1", dev_id)
             await self.admin.delete_device(org, device)
+            # A device created later under the same slugs must not resume this one's session
+            # (its queued commands) nor show its retained status and config.
+            await self.admin.forget([device_username(org, device)],
+                                    [f"{self.topics.device_prefix(org, device)}/{k}" for k in ("status", "config")])
         log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
+
+    async def delete_org(self, org_id: int, org: str) -> None:
+        """Delete an organization with its devices, data, quarantine and every broker login
+        of it; connected logins are disconnected, and their sessions and retained messages
+        discarded, before this returns.
+
+        The broker calls run inside the database transaction (as in :meth:`create_device`):
+        if the broker fails, nothing is deleted and the caller may retry. The organization's
+        row is locked first, so a device or technician login created concurrently either
+        committed before (and is deleted here) or fails on the missing organization.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+            if await conn.fetchval("SELECT id FROM organizations WHERE id = $1 FOR UPDATE", org_id) is None:
+                raise NotFound(f"organization {org} does not exist")
+            devices = [r["slug"] for r in await conn.fetch("SELECT slug FROM devices WHERE org_id = $1", org_id)]
+            techs = [r["username"] for r in await conn.fetch(
+                "SELECT username FROM mqtt_credentials WHERE org_id = $1", org_id)]
+            await conn.execute("DELETE FROM readings WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
+                               org_id)
+            await conn.execute("DELETE FROM events WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
+                               org_id)
+            await conn.execute("DELETE FROM quarantine WHERE org_id = $1", org_id)
+            await conn.execute("DELETE FROM organizations WHERE id = $1", org_id)
+            await self.admin.delete_org_logins(org, devices, techs)
+            await self.admin.forget(
+                [device_username(org, d) for d in devices] + techs,
+                [f"{self.topics.device_prefix(org, d)}/{kind}" for d in devices for kind in ("status", "config")])
+        log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
 
     async def reconcile(self) -> dict[str, int]:
         """Make the broker's device clients and roles match the database.
@@ -282,11 +315,14 @@ class Provisioner:
             if client is None:
                 cmds.append({"command": "createClient", "username": t["username"],
                              "password": derive_password(self.secret, "tech", t["username"], t["nonce"]),
+                             "clientid": t["username"],
                              "textname": f"technician of {t['org']}", "roles": [{"rolename": role}]})
                 counts["created"] += 1
-            elif set(client.roles) != {role} or client.groups:
-                cmds.append({"command": "modifyClient", "username": t["username"], "roles": [{"rolename": role}],
-                             "groups": []})
+            elif set(client.roles) != {role} or client.groups or client.clientid != t["username"]:
+                # Its own role, no group, and its client id pinned to its name (an unpinned
+                # login could take over the bridge's or a device's session).
+                cmds.append({"command": "modifyClient", "username": t["username"], "clientid": t["username"],
+                             "roles": [{"rolename": role}], "groups": []})
                 counts["acl_fixed"] += 1
         for user, client in clients.items():
             if user.startswith(TECH_ROLE_PREFIX) and user not in wanted_users and any(
@@ -297,7 +333,8 @@ class Provisioner:
                 cmds.append({"command": "deleteClient", "username": user})
                 counts["deleted"] += 1
         for role in roles:
-            if role.startswith(DEVICE_ROLE_PREFIX) and role not in wanted_roles:
+            # Roles of deleted devices, and technician roles of organizations that have none.
+            if role.startswith((DEVICE_ROLE_PREFIX, TECH_ROLE_PREFIX)) and role not in wanted_roles:
                 cmds.append({"command": "deleteRole", "rolename": role})
         # The plugin rewrites its whole file after each command message; chunks keep one
         # message from growing without bound for a large fleet.

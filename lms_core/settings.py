@@ -89,6 +89,10 @@ class BridgeSettings:
     flush_ms: int = 50  # LMS_BRIDGE_FLUSH_MS
     metrics_port: int = 9101  # LMS_BRIDGE_METRICS_PORT (0 = off)
     metrics_host: str = "127.0.0.1"  # LMS_BRIDGE_METRICS_HOST
+    # LMS_BRIDGE_RETAINED_SWEEP_S: how often retained messages devices left on topics other
+    # than status are cleared (bridge/retained.py); 0 = never. A retained message lives at
+    # most this long; each sweep sees the live stream for about half a second.
+    retained_sweep_s: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,7 @@ class Settings:
             flush_ms=_int(env, "LMS_BRIDGE_FLUSH_MS", _BRIDGE.flush_ms, 1, 60_000),
             metrics_port=_int(env, "LMS_BRIDGE_METRICS_PORT", _BRIDGE.metrics_port, 0, 65535),
             metrics_host=env.get("LMS_BRIDGE_METRICS_HOST", _BRIDGE.metrics_host),
+            retained_sweep_s=_int(env, "LMS_BRIDGE_RETAINED_SWEEP_S", _BRIDGE.retained_sweep_s, 0, 86400),
         )
         origins = tuple(o.strip() for o in env.get("LMS_API_CORS_ORIGINS", "").split(",") if o.strip())
         for origin in origins:

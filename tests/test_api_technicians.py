@@ -16,7 +16,8 @@ from tests.test_api_access import User
 
 
 def _client(port: int, username: str, password: str) -> tuple[paho.Client, dict[str, list[object]]]:
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"tech-{time.monotonic_ns()}", protocol=paho.MQTTv5,
+    # A technician login's client id is pinned to its username.
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=username, protocol=paho.MQTTv5,
                     reconnect_on_failure=False)
     c.username_pw_set(username, password)
     seen: dict[str, list[object]] = {"connack": [], "suback": [], "puback": [], "messages": [], "disconnect": []}
@@ -44,6 +45,7 @@ def test_technician_reads_own_org_only_never_publishes_and_is_revocable(api: Api
     assert r.status_code == 201, r.text
     tech = r.json()
     assert tech["topic_filter"] == f"lms/{unique}/#"
+    assert f"-i {tech['username']}" in tech["mosquitto_sub"]
 
     # The README's ready mosquitto_sub line, as printed, receives the organization's traffic.
     sub = subprocess.Popen([*shlex.split(tech["mosquitto_sub"]), "-C", "1", "-W", "10"], stdout=subprocess.PIPE,

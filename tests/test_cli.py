@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -152,6 +153,36 @@ def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert f"port {busy} (MQTT) is already in use" in one_line_error(r)
 
 
+def assert_read_only(port: int, user: str, password: str, client_id: str) -> None:
+    """The login connects only under its own id, may not publish, may not administer."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from tests.harness import stop_client
+
+    seen: dict[str, list[int]] = {"connack": [], "puback": [], "suback": []}
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    c.username_pw_set(user, password)
+    c.on_connect = lambda cl, u, f, rc, p: seen["connack"].append(rc.value)
+    c.on_publish = lambda cl, u, mid, rc, p: seen["puback"].append(rc.value)
+    c.on_subscribe = lambda cl, u, mid, rcs, p: seen["suback"].append(rcs[0].value)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        wait_until(lambda: seen["connack"], 10, "CONNACK")
+        assert seen["connack"] == [0]
+        for topic in ("lms/acme/sensor-1/telemetry", "lms/acme/sensor-1/config", "$CONTROL/dynamic-security/v1"):
+            c.publish(topic, "{}", qos=1)
+        c.subscribe("$CONTROL/dynamic-security/#", qos=1)
+        wait_until(lambda: len(seen["puback"]) == 3 and seen["suback"], 10, "PUBACKs and SUBACK")
+        assert seen["puback"] == [0x87, 0x87, 0x87] and seen["suback"][0] >= 0x80, seen
+    finally:
+        stop_client(c)
+    from tests.test_security_takeover import connack
+
+    assert connack(port, user, password, "lms-bridge-1", clean=True) == 0x87
+
+
 class UpProcess:
     def __init__(self, state: Path, *extra: str) -> None:
         base = {k: v for k, v in os.environ.items() if not k.startswith("LMS_")}
@@ -210,10 +241,22 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         from lms_core.provisioning import DeviceCredentials
 
         creds = DeviceCredentials(**json.loads(r.stdout))
+        # The banner hands out a read-only watch login, never the service account (which
+        # administers the broker); its mosquitto_sub line, as printed, reads everything.
+        assert admin["service_password"] not in out
+        (line,) = [x.strip() for x in out.splitlines() if x.strip().startswith("mosquitto_sub")]
+        watch = subprocess.Popen([*shlex.split(line), "-C", "1", "-W", "20"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
         d = Device(mqtt_port, creds)
         assert d.connect().value == 0
         d.publish_wait("telemetry", json.dumps({"ts": int(time.time() * 1000), "values": {"temp": 21.5}}))
         d.close()
+        seen, err = watch.communicate(timeout=30)
+        assert seen.startswith("lms/acme/sensor-1/telemetry "), (seen, err)
+        args = shlex.split(line)
+        user, password, client_id = (args[args.index(flag) + 1] for flag in ("-u", "-P", "-i"))
+        assert_read_only(mqtt_port, user, password, client_id)
         psql = ["psql", exports["LMS_DATABASE_URL"].strip("'"), "-tAc", "SELECT count(*) FROM readings"]
         wait_until(lambda: subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1", 15,
                    "the reading to be stored")
