@@ -123,7 +123,7 @@ def test_failures_from_elsewhere_do_not_lock_the_owner_out(stack: Stack, unique:
 
 def test_throttled_attempts_share_one_audit_row(stack: Stack, unique: str) -> None:
     api = stack.start_api(LMS_API_TRUSTED_PROXIES="127.0.0.1", LMS_LOGIN_MAX_FAILURES="2",
-                          LMS_LOGIN_WINDOW_SECONDS="600")
+                          LMS_LOGIN_ADDRESS_MAX_FAILURES="4", LMS_LOGIN_WINDOW_SECONDS="600")
     email = f"{unique}@example.com"
     assert _register(api, email).status_code == 201
     for _ in range(2):
@@ -134,6 +134,13 @@ def test_throttled_attempts_share_one_audit_row(stack: Stack, unique: str) -> No
                        "ORDER BY id", email)
     assert [r["action"] for r in rows] == ["auth.login.failed"] * 2 + ["auth.login.throttled"]
     assert json.loads(rows[-1]["detail"])["count"] == 25
+    # An address over its own limit that invents a new email per attempt: still one row.
+    for i in range(24):
+        status = _login(api, f"{unique}-{i}@example.com", "wrong password", "203.0.113.51").status_code
+        assert status == (401 if i < 4 else 429)
+    rows = stack.query("SELECT target, detail FROM audit_log WHERE action = 'auth.login.throttled' "
+                       "AND address = '203.0.113.51'")
+    assert [(r["target"], json.loads(r["detail"])["count"]) for r in rows] == [("*", 20)]
 
 
 def test_failures_behind_a_shared_address_do_not_lock_out_who_logged_in_there(stack: Stack, unique: str) -> None:

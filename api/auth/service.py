@@ -15,7 +15,8 @@ processes behind a load balancer. Its design:
   from (``login_known_addresses``, kept ``LMS_LOGIN_KNOWN_ADDRESS_DAYS``): the owner at home,
   or a superuser behind an office NAT full of guessing, still gets in; a newcomer waits.
 - Throttled attempts are not recorded as failures and add one audit row per (account,
-  address) and window, whose ``detail.count`` grows, so a flood cannot fill the log.
+  address) and window -- per address alone (target ``*``) when only the address limit
+  holds -- whose ``detail.count`` grows, so a flood cannot fill the log.
 - ``sweep`` prunes what outlives its use (run periodically by the API: ``retention_sweeper``).
 """
 
@@ -64,6 +65,7 @@ class RegistrationClosed(LmsError):
 _LOCK_ACCOUNT = 0x4C4D5310
 _LOCK_ADDRESS = 0x4C4D5311
 _LOCK_REGISTRATION = 0x4C4D5312
+_LOCK_WAIT_MS = 5000
 #: The retention sweep deletes in chunks, so it never holds a long lock on a busy table.
 _SWEEP_CHUNK = 10_000
 
@@ -155,7 +157,7 @@ class AuthService:
         async with self.pool.acquire() as conn, conn.transaction():
             # Count-and-record under a lock per address, so a burst through several API
             # processes cannot all pass the count. Every attempt counts, duplicates included.
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_REGISTRATION, address)
+            await _lock(conn, (_LOCK_REGISTRATION, address))
             recent, oldest = await conn.fetchrow(
                 """SELECT count(*), min(at) FROM registration_attempts
                    WHERE address = $1 AND at > now() - make_interval(secs => $2)""",
@@ -172,8 +174,7 @@ class AuthService:
         target = email[:254]
         async with self.pool.acquire() as conn, conn.transaction():
             # Account first, then address: the same order everywhere, so no deadlock.
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext(lower($2)))", _LOCK_ACCOUNT, target)
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _LOCK_ADDRESS, address)
+            await _lock(conn, (_LOCK_ACCOUNT, target.lower()), (_LOCK_ADDRESS, address))
             c = await conn.fetchrow(
                 """SELECT count(*) FILTER (WHERE lower(email) = lower($1) AND address = $2) AS pair,
                           count(*) FILTER (WHERE lower(email) = lower($1)) AS account,
@@ -188,15 +189,18 @@ class AuthService:
                    WHERE at > now() - make_interval(secs => $3) AND (lower(email) = lower($1) OR address = $2)""",
                 target, address, float(s.login_window_s), s.login_known_address_days,
             )
-            since = None
+            since, limit = None, ""
             if c["pair"] >= s.login_max_failures:
-                since = c["pair_oldest"]
+                since, limit = c["pair_oldest"], "account and address"
             elif not c["known"] and c["account"] >= s.login_account_max_failures:
-                since = c["account_oldest"]
+                since, limit = c["account_oldest"], "account"
             elif not c["known"] and c["by_address"] >= s.login_address_max_failures:
-                since = c["address_oldest"]
+                since, limit = c["address_oldest"], "address"
             if since is not None:
-                await self._audit_throttled(conn, target, address, request_id)
+                # Held by the address alone: one row for the address, whatever emails it tries
+                # (a row per email would let it write as many rows as it invents addresses).
+                await self._audit_throttled(conn, "*" if limit == "address" else target.lower(), address,
+                                            limit, request_id)
             else:
                 # Recorded as a failure now, under the lock; a success deletes it again.
                 await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", target, address)
@@ -232,7 +236,7 @@ class AuthService:
         token, claims = tokens.issue(self.key, user["id"], user["token_version"], ttl)
         return token, claims, {"id": user["id"], "email": user["email"], "is_superuser": user["is_superuser"]}
 
-    async def _audit_throttled(self, conn: asyncpg.Connection, target: str, address: str,
+    async def _audit_throttled(self, conn: asyncpg.Connection, target: str, address: str, limit: str,
                                request_id: str | None) -> None:
         """One audit row per (account, address) and window, counting the throttled attempts."""
         bumped = await conn.fetchval(
@@ -243,8 +247,8 @@ class AuthService:
                RETURNING id""",
             target, address, float(self.settings.login_window_s))
         if bumped is None:
-            await audit(conn, "auth.login.throttled", target=target, address=address, detail={"count": 1},
-                        request_id=request_id)
+            await audit(conn, "auth.login.throttled", target=target, address=address,
+                        detail={"count": 1, "limit": limit}, request_id=request_id)
 
     def csrf_token(self, jti: str) -> str:
         """The CSRF token of the session whose access token has ``jti``: another session's
@@ -317,6 +321,18 @@ class AuthService:
                 "WHERE id = $1", p.user_id, hashed)
             await audit(conn, "auth.password.changed", actor=p.user_id, target=p.email, address=address,
                         request_id=request_id)
+
+
+async def _lock(conn: asyncpg.Connection, *keys: tuple[int, str]) -> None:
+    """Take transaction-scoped advisory locks, in the order given. Each is held for a few
+    milliseconds; a wait longer than _LOCK_WAIT_MS means a flood on this account or address,
+    answered 429 rather than holding a pooled connection that other requests need."""
+    await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_WAIT_MS}ms'")
+    try:
+        for namespace, name in keys:
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", namespace, name)
+    except asyncpg.LockNotAvailableError:
+        raise TooManyAttempts(1, "too many attempts at once; try again in a moment") from None
 
 
 def _retry_after(oldest: datetime | None, window_s: int) -> int:
