@@ -96,6 +96,9 @@ async def org_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
             raise PermissionDeniedException("an API key cannot manage members or API keys; log in as a user")
         role = key_role(principal.key_role or "viewer", principal.key_creator_role or "viewer")
     if role != "superuser" and role not in MATRIX[perm]:
+        if principal.key_id is not None and role != principal.key_role:
+            raise PermissionDeniedException(f"this {principal.key_role} API key acts as {role}, its creator's role "
+                                            f"now, which may not do this ({perm})")
         raise PermissionDeniedException(f"the {role} role may not do this ({perm})")
     connection.scope.setdefault("state", {})["org_access"] = OrgAccess(row["id"], slug, role, principal)
 
