@@ -71,13 +71,6 @@ def test_registration_is_off_by_default_and_lms_up_has_a_switch() -> None:
     assert build_parser().parse_args(["up"]).registration is False
 
 
-def test_registration_off_answers_403_json(stack: Stack, unique: str) -> None:
-    closed = stack.start_api(LMS_API_REGISTRATION="off")
-    r = _register(closed, f"{unique}@example.com")
-    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-    assert "turned off" in r.json()["error"]["message"]
-
-
 def test_registration_burst_from_one_address_is_limited_across_processes(stack: Stack, unique: str) -> None:
     env = {"LMS_API_REGISTRATION_MAX_PER_ADDRESS": "3", "LMS_API_REGISTRATION_WINDOW_SECONDS": "600",
            "LMS_API_TRUSTED_PROXIES": "127.0.0.1"}
