@@ -5,6 +5,8 @@ A route declares the permission it needs as ``opt={"perm": "..."}``; the app ref
 start if an organization route declares none (``check_routes``), so a new route cannot
 ship unguarded. Callers who are not members of the organization get 404, as if it did
 not exist; members without the permission get 403. Platform superusers may do anything.
+An API key acts with its role capped by its creator's current role (``key_role``) and never
+manages members or keys.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ MATRIX: dict[str, frozenset[str]] = {
 }
 
 
+#: Never for an API key, whatever its role: a leaked key could otherwise make a real account
+#: admin (or mint keys), which would outlive the key's revocation.
+KEY_FORBIDDEN = frozenset({"members.manage"})
+
+
+def key_role(key: str, creator: str) -> str:
+    """An API key's effective role: the strongest role whose permissions both the key's role
+    and its creator's current role ("superuser": no bound) hold. Roles are not a chain
+    (an operator sends commands, a technician manages broker logins), so this is the
+    meet of the two permission sets, not a min over a ranking."""
+    if creator == "superuser":
+        return key
+    allowed = {p for p, roles in MATRIX.items() if key in roles and creator in roles}
+    fits = [r for r in ROLES if {p for p, roles in MATRIX.items() if r in roles} <= allowed]
+    return max(fits, key=lambda r: sum(r in roles for roles in MATRIX.values()))
+
+
 @dataclass(frozen=True, slots=True)
 class OrgAccess:
     """The organization a request is about and the caller's role in it."""
@@ -64,15 +83,22 @@ async def org_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
            WHERE o.slug = $1""",
         slug, principal.user_id,
     )
-    if row is None or (row["role"] is None and not principal.is_superuser):
+    # A key's creator was found a member (or superuser) when the key was read.
+    if row is None or (row["role"] is None and not principal.is_superuser and principal.key_id is None):
         raise NotFoundException(f"organization {slug!r} not found")
     role = row["role"] or "superuser"
     if principal.key_id is not None:
-        # An API key reaches only its own organization, with the key's role.
+        # An API key reaches only its own organization, with the key's role, capped by what
+        # its creator may do there today.
         if row["id"] != principal.key_org_id:
             raise NotFoundException(f"organization {slug!r} not found")
-        role = principal.key_role or "viewer"
+        if perm in KEY_FORBIDDEN:
+            raise PermissionDeniedException("an API key cannot manage members or API keys; log in as a user")
+        role = key_role(principal.key_role or "viewer", principal.key_creator_role or "viewer")
     if role != "superuser" and role not in MATRIX[perm]:
+        if principal.key_id is not None and role != principal.key_role:
+            raise PermissionDeniedException(f"this {principal.key_role} API key acts as {role}, its creator's role "
+                                            f"now, which may not do this ({perm})")
         raise PermissionDeniedException(f"the {role} role may not do this ({perm})")
     connection.scope.setdefault("state", {})["org_access"] = OrgAccess(row["id"], slug, role, principal)
 

@@ -15,7 +15,7 @@ from litestar.openapi import OpenAPIConfig
 from api.access import check_routes
 from api.assets import AssetsController
 from api.auth.routes import AuthController
-from api.auth.service import AuthService
+from api.auth.service import AuthService, retention_sweeper
 from api.data import DataController, ExportSlots
 from api.devices import DevicesController
 from api.errors import HANDLERS
@@ -50,12 +50,14 @@ def create_app(settings: Settings) -> Litestar:
             app.state.export_pool = export_pool  # streamed exports only: see api/data.py
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
             sweeper = asyncio.create_task(expiry_sweeper(app), name="technician expiry sweep")
+            retention = asyncio.create_task(retention_sweeper(app), name="retention sweep")
             try:
                 yield
             finally:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                for task in (retention, sweeper):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     app = _App(
         route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,

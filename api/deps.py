@@ -62,8 +62,9 @@ async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Prin
     """The authenticated caller, or 401.
 
     A bearer token (programs) or the session cookie (browsers). A cookie-authenticated
-    request that changes state must also carry the CSRF cookie's value in X-CSRF-Token:
-    another site can make the browser send the cookie, but cannot read it to copy it.
+    request that changes state must also carry the session's CSRF token (the CSRF cookie's
+    value) in X-CSRF-Token: another site can make the browser send the cookie, but cannot
+    read it to copy it, nor compute the token of someone else's session.
     """
     auth: AuthService = request.app.state.auth
     header = request.headers.get("authorization", "")
@@ -86,9 +87,11 @@ async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Prin
             raise NotAuthorizedException("authentication required", headers={"WWW-Authenticate": "Bearer"})
         principal = await auth.principal(token, "cookie")
         if principal is not None and request.scope.get("method") not in SAFE_METHODS:
+            # The token is an HMAC of this session's token id (the CSRF cookie only hands it to
+            # the page's script): a token of another session, or a CSRF cookie planted by a
+            # sibling subdomain, does not match.
             sent = request.headers.get(CSRF_HEADER, "")
-            expected = request.cookies.get(CSRF_COOKIE, "")
-            if not sent or not expected or not hmac.compare_digest(sent, expected):
+            if not sent or not hmac.compare_digest(sent.encode(), auth.csrf_token(principal.jti).encode()):
                 raise PermissionDeniedException("missing or wrong X-CSRF-Token header for a cookie session")
     if principal is None:
         raise NotAuthorizedException("invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})

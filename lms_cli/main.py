@@ -33,7 +33,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from lms_cli.stack import LocalStack
 
     stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port, api_port=args.api_port,
-                       listen=args.listen, device_host=args.device_host)
+                       listen=args.listen, device_host=args.device_host, registration=args.registration)
     return stack.run()
 
 
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device-host", type=_hostname,
                     help="host name or address devices are told to connect to (default: this machine's name when "
                          "listening on all addresses)")
+    up.add_argument("--registration", action="store_true",
+                    help="let anyone who reaches the API sign up (off by default; limited per address)")
     up.set_defaults(fn=cmd_up)
 
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")

@@ -89,10 +89,12 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 class LocalStack:
     def __init__(self, state_dir: Path, *, mqtt_port: int | None = None, pg_port: int | None = None,
-                 api_port: int | None = None, listen: str | None = None, device_host: str | None = None) -> None:
+                 api_port: int | None = None, listen: str | None = None, device_host: str | None = None,
+                 registration: bool = False) -> None:
         self.dir = state_dir.resolve()
         self.want_mqtt, self.want_pg, self.want_api = mqtt_port, pg_port, api_port
         self.want_listen, self.want_device_host = listen, device_host
+        self.registration = registration
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping = False
 
@@ -169,6 +171,7 @@ class LocalStack:
         mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"],
                        listen=state.get("mqtt_listen", "127.0.0.1"))
         env = {**os.environ, **settings_env(self.dir)}
+        env["LMS_API_REGISTRATION"] = "on" if self.registration else env.get("LMS_API_REGISTRATION", "off")
         signal.signal(signal.SIGTERM, _interrupt)
         # Started in the background of a non-interactive shell, SIGINT arrives ignored;
         # Ctrl-C and `kill -INT` must stop the stack all the same.

@@ -99,16 +99,28 @@ class BridgeSettings:
 class ApiSettings:
     host: str = "127.0.0.1"  # LMS_API_HOST
     port: int = 8000  # LMS_API_PORT
-    registration: bool = True  # LMS_API_REGISTRATION: self-service sign-up (on|off)
+    # LMS_API_REGISTRATION: self-service sign-up (on|off). Off by default: anyone who can
+    # reach the API could otherwise create accounts, organizations and broker logins.
+    registration: bool = False
+    # When on: sign-ups per client address within the window (in PostgreSQL, so across processes).
+    registration_max_per_address: int = 5  # LMS_API_REGISTRATION_MAX_PER_ADDRESS
+    registration_window_s: int = 3600  # LMS_API_REGISTRATION_WINDOW_SECONDS
     cors_origins: tuple[str, ...] = ()  # LMS_API_CORS_ORIGINS: comma-separated; empty = no CORS
     cookie_secure: bool = False  # LMS_API_COOKIE_SECURE: set the Secure flag (default: on in production)
     access_ttl_s: int = 3600  # LMS_API_ACCESS_TTL_SECONDS: a login without "remember me"
     remember_ttl_s: int = 30 * 86400  # LMS_API_REMEMBER_TTL_SECONDS: a login with "remember me"
-    # Failed logins tolerated per account and per client address within the window before
-    # answering 429: enough for typos, far too few for guessing.
+    # Failed logins tolerated within the window before answering 429: per (account, client
+    # address) -- enough for typos, far too few for guessing -- and, much higher, per account
+    # from all addresses and per address over all accounts. The last two do not hold a login
+    # from an address the account has logged in from before (LMS_LOGIN_KNOWN_ADDRESS_DAYS),
+    # so an attacker cannot lock the owner out. See api/auth/service.py.
     login_max_failures: int = 5  # LMS_LOGIN_MAX_FAILURES
+    login_account_max_failures: int = 100  # LMS_LOGIN_ACCOUNT_MAX_FAILURES
     login_address_max_failures: int = 20  # LMS_LOGIN_ADDRESS_MAX_FAILURES
     login_window_s: int = 900  # LMS_LOGIN_WINDOW_SECONDS
+    login_known_address_days: int = 90  # LMS_LOGIN_KNOWN_ADDRESS_DAYS
+    audit_retention_days: int = 365  # LMS_AUDIT_RETENTION_DAYS: older audit rows are deleted
+    retention_sweep_s: int = 3600  # LMS_RETENTION_SWEEP_SECONDS: how often the API prunes old rows
     # LMS_API_TRUSTED_PROXIES: addresses/networks of the load balancers in front of the API.
     # Only from them is X-Forwarded-For believed; anyone else could forge it to dodge the
     # per-address login limit.
@@ -202,15 +214,25 @@ class Settings:
         api = ApiSettings(
             host=env.get("LMS_API_HOST", _API.host),
             port=_int(env, "LMS_API_PORT", _API.port, 1, 65535),
-            registration=_choice(env, "LMS_API_REGISTRATION", "on", ("on", "off")) == "on",
+            registration=_choice(env, "LMS_API_REGISTRATION", "off", ("on", "off")) == "on",
+            registration_max_per_address=_int(env, "LMS_API_REGISTRATION_MAX_PER_ADDRESS",
+                                              _API.registration_max_per_address, 1, 1_000_000),
+            registration_window_s=_int(env, "LMS_API_REGISTRATION_WINDOW_SECONDS", _API.registration_window_s,
+                                       1, 7 * 86400),
             cors_origins=origins,
             cookie_secure=_choice(env, "LMS_API_COOKIE_SECURE", "on" if production else "off", ("on", "off")) == "on",
             access_ttl_s=_int(env, "LMS_API_ACCESS_TTL_SECONDS", _API.access_ttl_s, 10, 86400),
             remember_ttl_s=_int(env, "LMS_API_REMEMBER_TTL_SECONDS", _API.remember_ttl_s, 60, 365 * 86400),
             login_max_failures=_int(env, "LMS_LOGIN_MAX_FAILURES", _API.login_max_failures, 1, 1000),
+            login_account_max_failures=_int(env, "LMS_LOGIN_ACCOUNT_MAX_FAILURES", _API.login_account_max_failures,
+                                             1, 1_000_000),
             login_address_max_failures=_int(env, "LMS_LOGIN_ADDRESS_MAX_FAILURES", _API.login_address_max_failures,
                                              1, 100_000),
             login_window_s=_int(env, "LMS_LOGIN_WINDOW_SECONDS", _API.login_window_s, 1, 86400),
+            login_known_address_days=_int(env, "LMS_LOGIN_KNOWN_ADDRESS_DAYS", _API.login_known_address_days, 1,
+                                          3650),
+            audit_retention_days=_int(env, "LMS_AUDIT_RETENTION_DAYS", _API.audit_retention_days, 1, 36500),
+            retention_sweep_s=_int(env, "LMS_RETENTION_SWEEP_SECONDS", _API.retention_sweep_s, 1, 86400),
             trusted_proxies=proxies,
             export_concurrency=_int(env, "LMS_API_EXPORT_CONCURRENCY", _API.export_concurrency, 1, 100),
             exports_per_user=_int(env, "LMS_API_EXPORTS_PER_USER", _API.exports_per_user, 1, 100),

@@ -101,6 +101,10 @@ class Stack:
             "LMS_SECRET_KEY": SECRET,
             "LMS_BRIDGE_METRICS_PORT": "0",
             "LMS_STATE_DIR": str(self.root / "no-local-stack"),
+            # Self-service sign-up is off by default; the tests register their users through it,
+            # all from 127.0.0.1. Tests of the off switch and the limit override these.
+            "LMS_API_REGISTRATION": "on",
+            "LMS_API_REGISTRATION_MAX_PER_ADDRESS": "1000000",
         })
         env.update(overrides)
         return env

@@ -210,6 +210,7 @@ def test_registration_can_be_turned_off(stack: Stack) -> None:
     closed = stack.start_api(LMS_API_REGISTRATION="off")
     r = httpx.post(closed.url + "/api/v1/auth/register", json={"email": "z@example.com", "password": PASSWORD})
     assert r.status_code == 403 and "turned off" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "forbidden"
 
 
 def test_login_throttling_holds_across_api_processes(stack: Stack, unique: str) -> None:

@@ -229,6 +229,9 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         login = httpx.post(f"http://127.0.0.1:{api_port}/api/v1/auth/login",
                            json={"email": admin["admin_email"], "password": admin["admin_password"]}, timeout=10)
         assert login.status_code == 200 and login.json()["user"]["is_superuser"] is True
+        signup = {"email": "someone@example.com", "password": "correct horse battery"}
+        closed = httpx.post(f"http://127.0.0.1:{api_port}/api/v1/auth/register", json=signup, timeout=10)
+        assert closed.status_code == 403  # self-service sign-up is off unless `lms up --registration`
 
         env_out = run_lms("env", "--state", str(state))
         assert env_out.returncode == 0
@@ -268,9 +271,11 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
     assert "stopped" in up.text()
     assert not (state / "postgres" / "postmaster.pid").exists()
 
-    again = UpProcess(state)
+    again = UpProcess(state, "--registration")
     try:
         again.wait_ready()
+        assert httpx.post(f"http://127.0.0.1:{api_port}/api/v1/auth/register", json=signup, timeout=10
+                          ).status_code == 201
         assert "reusing the stack" in again.text()
         assert "creating a new stack" not in again.text()
         d = Device(mqtt_port, creds)  # the same credentials still work

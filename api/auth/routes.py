@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from typing import Annotated, Any
 
@@ -10,12 +9,12 @@ import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.di import Provide
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, TooManyRequestsException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.auth.service import InvalidCredentials, TooManyAttempts
+from api.auth.service import InvalidCredentials, RegistrationClosed, TooManyAttempts
 from api.deps import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -71,11 +70,15 @@ class AuthController(Controller):
 
     @post("/register", status_code=HTTP_201_CREATED)
     async def register(self, request: Req, data: JSONBody[Credentials], auth: Auth) -> User:
-        """Create an account (if self-service registration is on: LMS_API_REGISTRATION)."""
-        if not auth.settings.registration:
-            raise PermissionDeniedException("registration is turned off; ask an administrator for an account")
-        user_id = await auth.create_user(data.email, data.password, address=client_address(request),
-                                         request_id=request_id(request))
+        """Create an account (if self-service registration is on: LMS_API_REGISTRATION),
+        at most LMS_API_REGISTRATION_MAX_PER_ADDRESS per client address and window."""
+        try:
+            user_id = await auth.register(data.email, data.password, address=client_address(request),
+                                          request_id=request_id(request))
+        except RegistrationClosed as exc:
+            raise PermissionDeniedException(str(exc)) from None
+        except TooManyAttempts as exc:
+            raise TooManyRequestsException(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
         return User(id=user_id, email=data.email.strip(), is_superuser=False)
 
     @post("/login", status_code=200)
@@ -91,7 +94,7 @@ class AuthController(Controller):
             return error_response(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
         except InvalidCredentials as exc:
             raise NotAuthorizedException(str(exc)) from None
-        csrf = secrets.token_urlsafe(24)
+        csrf = auth.csrf_token(claims.jti)
         ttl = claims.expires_at - int(time.time())
         secure = auth.settings.cookie_secure or request.url.scheme == "https"
         cookies = [

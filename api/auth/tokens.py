@@ -8,6 +8,7 @@ Decoding pins the algorithm list to HS256, which refuses ``none`` and any RS/ES 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -34,6 +35,16 @@ class Claims:
 def signing_key(secret: str) -> bytes:
     # Its own key: the platform secret also derives device passwords.
     return hmac.new(secret.encode(), b"lms access token v1", hashlib.sha256).digest()
+
+
+def csrf_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"lms csrf token v1", hashlib.sha256).digest()
+
+
+def csrf_token(key: bytes, jti: str) -> str:
+    """HMAC of the session's token id: bound to that one session, and unforgeable without
+    the secret (a double-submit cookie alone can be planted by a sibling subdomain)."""
+    return base64.urlsafe_b64encode(hmac.new(key, jti.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
 
 
 def issue(key: bytes, user_id: int, version: int, ttl_s: int) -> tuple[str, Claims]:
