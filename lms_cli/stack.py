@@ -270,7 +270,8 @@ LMS Core is running (state in {self.dir})
   API           http://127.0.0.1:{s['api_port']}   OpenAPI: http://127.0.0.1:{s['api_port']}/schema
                 superuser {s['admin_email']} / {s['admin_password']}
 
-Provision a device and publish as it:
+Create an organization, add a device to it and publish as it:
+  {lms} org create acme
   {lms} device create acme sensor-1
   mosquitto_pub -p {s['mqtt_port']} -u acme.sensor-1 -P PASSWORD -i acme.sensor-1 -q 1 \\
       -t lms/acme/sensor-1/telemetry -m '{{"temp": 21.5}}'

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from lms_cli.localstack import free_port
-from tests.harness import REPO, Device, Stack, wait_until
+from tests.harness import REPO, ApiProcess, Device, Stack, wait_until
 
 LMS = [sys.executable, "-m", "lms_cli.main"]
 
@@ -37,6 +37,7 @@ def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_device_create_prints_credentials_as_json_and_they_work(stack: Stack, unique: str) -> None:
+    assert run_lms("org", "create", unique, env=stack.env()).returncode == 0
     r = run_lms("device", "create", unique, "sensor-1", "--json", env=stack.env())
     assert r.returncode == 0, r.stderr
     creds = json.loads(r.stdout)
@@ -65,6 +66,7 @@ def test_device_create_prints_credentials_as_json_and_they_work(stack: Stack, un
 
 
 def test_rotate_stops_the_old_password(stack: Stack, unique: str) -> None:
+    assert run_lms("org", "create", unique, env=stack.env()).returncode == 0
     old = json.loads(run_lms("device", "create", unique, "d", "--json", env=stack.env()).stdout)
     new = json.loads(run_lms("device", "rotate", unique, "d", "--json", env=stack.env()).stdout)
     assert new["password"] != old["password"]
@@ -192,6 +194,7 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         assert "creating a new stack" in out
         assert f"mqtt://127.0.0.1:{mqtt_port}" in out
         assert "device create acme sensor-1" in out and "mosquitto_pub" in out and "mosquitto_sub" in out
+        assert -1 < out.find(" org create acme\n") < out.find(" device create acme sensor-1\n"), out
         assert f"http://127.0.0.1:{api_port}" in out
         admin = json.loads((state / "stack.json").read_text())
         assert f"superuser {admin['admin_email']} / {admin['admin_password']}" in out
@@ -204,7 +207,12 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env_out.stdout.splitlines())
         assert exports["LMS_DATABASE_URL"].strip("'").endswith(f"@127.0.0.1:{pg_port}/lms")
 
-        # The CLI finds the local stack by its state folder, no exports needed.
+        # The CLI finds the local stack by its state folder, no exports needed; the quick start's
+        # two explicit steps: the organization, then a device in it.
+        assert "lms org create acme" in one_line_error(
+            run_lms("device", "create", "acme", "sensor-1", env={"LMS_STATE_DIR": str(state)}))
+        r = run_lms("org", "create", "acme", env={"LMS_STATE_DIR": str(state)})
+        assert r.returncode == 0, r.stderr
         r = run_lms("device", "create", "acme", "sensor-1", "--json", env={"LMS_STATE_DIR": str(state)})
         assert r.returncode == 0, r.stderr
         from lms_core.provisioning import DeviceCredentials
@@ -273,6 +281,7 @@ def test_lms_up_can_let_devices_on_the_network_in(tmp_path: Path) -> None:
         up.wait_ready()
         assert f"devices connect to mqtt://hub.example:{mqtt_port}" in up.text()
         assert f"listener {mqtt_port} 0.0.0.0" in (state / "mosquitto" / "mosquitto.conf").read_text()
+        assert run_lms("org", "create", "acme", env={"LMS_STATE_DIR": str(state)}).returncode == 0
         r = run_lms("device", "create", "acme", "d1", "--json", env={"LMS_STATE_DIR": str(state)})
         creds = json.loads(r.stdout)
         assert creds["mqtt_url"] == f"mqtt://hub.example:{mqtt_port}"
@@ -285,3 +294,72 @@ def test_lms_up_can_let_devices_on_the_network_in(tmp_path: Path) -> None:
         assert up.interrupt() == 0, up.text()
     bad = run_lms("up", "--state", str(tmp_path / "x"), "--listen", "everywhere")
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+def test_org_create_is_explicit_and_device_create_never_adopts_an_organization(stack: Stack, unique: str,
+                                                                                api: ApiProcess) -> None:
+    # A stranger registers and creates the organization the operator meant to use.
+    from tests.test_api_access import User
+
+    stranger = User(api, f"{unique}-stranger@example.com")
+    taken = f"{unique}-acme"
+    assert stranger.call("POST", "/api/v1/orgs", {"slug": taken}).status_code == 201
+    stranger.client.close()
+    # The operator's explicit creation is refused instead of joining the stranger's organization.
+    assert f"organization {taken} already exists" in one_line_error(run_lms("org", "create", taken, env=stack.env()))
+
+    # Adding a device to an organization that does not exist says how to create it.
+    mine = f"{unique}-mine"
+    err = one_line_error(run_lms("device", "create", mine, "sensor-1", env=stack.env()))
+    assert f"organization {mine} does not exist" in err and f"lms org create {mine}" in err
+    assert stack.scalar("SELECT count(*) FROM organizations WHERE slug = $1", mine) == 0
+
+    # Bad slug, unknown owner: one line each; nothing is created.
+    assert run_lms("org", "create", "Bad Org", env=stack.env()).returncode == 2
+    assert "no user nobody@example.com" in one_line_error(
+        run_lms("org", "create", mine, "--owner", "nobody@example.com", env=stack.env()))
+    assert stack.scalar("SELECT count(*) FROM organizations WHERE slug = $1", mine) == 0
+
+    owner = f"{unique}-owner@example.com"
+    assert run_lms("user", "create", owner, env=stack.env(), input="owner-pw-123456\n").returncode == 0
+    r = run_lms("org", "create", mine, "--name", "My Plant", "--owner", owner.upper(), env=stack.env())
+    assert r.returncode == 0, r.stderr
+    assert f"organization {mine} created" in r.stdout
+    assert stack.query("""SELECT o.name, m.role, u.email FROM organizations o JOIN memberships m ON m.org_id = o.id
+                          JOIN users u ON u.id = m.user_id WHERE o.slug = $1""", mine)[0][:] == (
+        "My Plant", "owner", owner)
+    r = run_lms("device", "create", mine, "sensor-1", "--json", env=stack.env())
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["topic_prefix"] == f"lms/{mine}/sensor-1"
+
+
+def _without_secret(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "LMS_SECRET_KEY"}
+
+
+@pytest.mark.parametrize("command", ["api", "bridge", "reconcile"])
+def test_services_refuse_to_start_without_a_secret(stack: Stack, command: str) -> None:
+    env = _without_secret(stack.env(LMS_API_PORT=str(free_port())))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LMS_")}
+    r = subprocess.run([*LMS, command], env={**base, **env}, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "LMS_SECRET_KEY is not set" in one_line_error(r)
+    assert "LMS_DEV_INSECURE_SECRET=1" in r.stderr
+    # The published development default is no better than none.
+    r = subprocess.run([*LMS, command], env={**base, **env, "LMS_SECRET_KEY": "dev-insecure-secret-change-me"},
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "LMS_SECRET_KEY" in one_line_error(r)
+
+
+def test_api_with_the_development_flag_starts_and_warns(stack: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    env = _without_secret(stack.env(LMS_API_PORT=str(port), LMS_DEV_INSECURE_SECRET="1"))
+    a = ApiProcess(env, tmp_path / "api.log", port)
+    a.start()
+    try:
+        warnings = [json.loads(line) for line in a.log.read_text().splitlines() if line.startswith("{")]
+        assert any(w["level"] == "warning" and "LMS_DEV_INSECURE_SECRET" in w["msg"] for w in warnings), warnings
+    finally:
+        a.stop()
+    # Production never takes the default, flag or not.
+    r = run_lms("api", env={**env, "LMS_ENV": "production"})
+    assert "LMS_SECRET_KEY" in one_line_error(r)
