@@ -153,6 +153,24 @@ class Stack:
         rows = self.query(sql, *args)
         return rows[0][0] if rows else None
 
+    def admin_query(self, sql: str, *args: Any, database: str = "postgres") -> list[asyncpg.Record]:
+        """As the cluster's superuser: the application's role ``lms`` only owns its database,
+        so whatever needs more (creating databases, inspecting other sessions) comes here."""
+        async def run() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.pg.admin_url(database))
+            try:
+                return list(await conn.fetch(sql, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def fresh_database(self, name: str) -> str:
+        """Drop and create database ``name`` owned by the application's role; its URL as that role."""
+        self.admin_query(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.admin_query(f'CREATE DATABASE "{name}" OWNER "{self.pg.user}"')
+        return self.pg.database_url(name)
+
 
 class BridgeProcess:
     """``lms bridge`` as a child process, the way it runs in production."""

@@ -110,10 +110,7 @@ def test_unreachable_database_and_broker_and_bad_settings_are_one_line_errors(st
 
 
 def test_bridge_refuses_an_unmigrated_database(stack: Stack) -> None:
-    r = subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(stack.pg.port), "-U", "lms", "empty"],
-                       env={**os.environ, "PGPASSWORD": stack.pg.password}, capture_output=True)
-    assert r.returncode == 0 or b"already exists" in r.stderr
-    url = stack.pg.url.rsplit("/", 1)[0] + "/empty"
+    url = stack.fresh_database("empty")
     err = one_line_error(run_lms("bridge", env=stack.env(LMS_DATABASE_URL=url)))
     assert "run `lms migrate`" in err
     assert run_lms("migrate", env=stack.env(LMS_DATABASE_URL=url)).returncode == 0
@@ -225,6 +222,18 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         psql = ["psql", exports["LMS_DATABASE_URL"].strip("'"), "-tAc", "SELECT count(*) FROM readings"]
         wait_until(lambda: subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1", 15,
                    "the reading to be stored")
+        # The application's database role owns its database, without superuser powers.
+        role = subprocess.run([*psql[:-1], "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
+                               "WHERE rolname = current_user"], capture_output=True, text=True)
+        assert role.stdout.strip() == "f|f|f", role
+        # Logs (payload excerpts, e-mails) and the state folder are not for other users.
+        logs = sorted(p.name for p in state.glob("*.log"))
+        assert logs == ["api.log", "bridge.log", "mosquitto.log", "postgres.log"], logs
+        for log in state.glob("*.log"):
+            assert log.stat().st_mode & 0o777 == 0o600, log
+        assert state.stat().st_mode & 0o077 in (0, 0o011)  # at most the search bit, for the servers' users
+        assert (state / "mosquitto").stat().st_mode & 0o077 == 0
+        assert (state / "stack.json").stat().st_mode & 0o777 == 0o600
 
         second = run_lms("up", "--state", str(state))
         assert "already running" in one_line_error(second)
