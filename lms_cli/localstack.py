@@ -151,6 +151,37 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+_SPLIT_HELPER = "lms_split_helper"
+
+#: ALTER ... OWNER statements handing what the bootstrap superuser (oid 10) owns in the
+#: application's schemas to the new owner ($1). Tables take their indexes and owned
+#: sequences along; the second query runs after the first in one statement list, so an
+#: owned sequence is never altered on its own (PostgreSQL refuses that).
+_HAND_OVER = """
+WITH schemas AS (
+    SELECT oid, nspname FROM pg_namespace
+    WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%'
+)
+SELECT format('ALTER SCHEMA %I OWNER TO %I', nspname, $1::text) FROM pg_namespace
+ WHERE oid IN (SELECT oid FROM schemas) AND nspowner = 10
+UNION ALL
+SELECT format('ALTER %s %s OWNER TO %I',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                             WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+              c.oid::regclass, $1::text)
+  FROM pg_class c
+ WHERE c.relnamespace IN (SELECT oid FROM schemas) AND c.relowner = 10 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                   AND d.deptype IN ('a', 'i') AND c.relkind = 'S')
+UNION ALL
+SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, $1::text) FROM pg_proc p
+ WHERE p.pronamespace IN (SELECT oid FROM schemas) AND p.proowner = 10
+UNION ALL
+SELECT format('ALTER TYPE %s OWNER TO %I', t.oid::regtype, $1::text) FROM pg_type t
+ WHERE t.typnamespace IN (SELECT oid FROM schemas) AND t.typowner = 10 AND t.typtype IN ('e', 'd', 'r', 'm')
+"""
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 30) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -278,11 +309,22 @@ class Postgres:
         """
         async def main() -> None:
             try:
-                conn = await asyncpg.connect(self.admin_url(), timeout=10)
+                try:
+                    conn = await asyncpg.connect(self.admin_url(), timeout=10)
+                except asyncpg.InvalidAuthorizationSpecificationError:
+                    if self.admin_password is None:
+                        raise
+                    try:
+                        conn = await self._split_bootstrap_superuser()
+                    except asyncpg.PostgresError as exc:  # rolled back: the old layout is intact
+                        raise StackError(f"cannot give this older cluster a separate superuser "
+                                         f"'{self.admin_user}': {exc}") from None
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 raise StackError(f"cannot connect to PostgreSQL as {self.superuser[0]}: {exc}") from None
             try:
                 if self.admin_password is not None:
+                    # Left behind if a start stopped between the split's commit and its end.
+                    await conn.execute(f"DROP ROLE IF EXISTS {_ident(_SPLIT_HELPER)}")
                     exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", self.user)
                     await conn.execute(
                         f"{'ALTER' if exists else 'CREATE'} ROLE {_ident(self.user)} LOGIN NOSUPERUSER NOCREATEDB "
@@ -294,6 +336,47 @@ class Postgres:
                 await conn.close()
 
         asyncio.run(main())
+
+    async def _split_bootstrap_superuser(self) -> asyncpg.Connection:
+        """Turn a cluster made before the split (``user`` is its superuser) into the layout
+        of a new one, in place; return a connection as the superuser.
+
+        PostgreSQL never demotes the bootstrap superuser (the role initdb made), so that role
+        is renamed to ``admin_user`` and takes ``admin_password``, and ``user`` is made anew
+        without powers and given the database and everything in it. One transaction: a
+        failure leaves the old layout, still working. Re-raises the admin login's refusal
+        when the cluster is not such a one.
+        """
+        old = await asyncpg.connect(self.url.rsplit("/", 1)[0] + "/postgres", timeout=10)
+        helper, helper_password = _SPLIT_HELPER, new_password()
+        try:
+            if not await old.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user AND oid = 10"):
+                raise StackError(f"cannot log in to PostgreSQL as {self.admin_user}, and {self.user} is not the "
+                                 "cluster's superuser; check the passwords in the state folder")
+            # The session user cannot rename itself: a helper superuser does it.
+            await old.execute(f"DROP ROLE IF EXISTS {_ident(helper)}")
+            await old.execute(f"CREATE ROLE {_ident(helper)} LOGIN SUPERUSER PASSWORD {_literal(helper_password)}")
+        finally:
+            await old.close()
+        url = f"postgresql://{helper}:{helper_password}@127.0.0.1:{self.port}/{self.database}"
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"ALTER ROLE {_ident(self.user)} RENAME TO {_ident(self.admin_user)}")
+                assert self.admin_password is not None
+                await conn.execute(f"ALTER ROLE {_ident(self.admin_user)} PASSWORD {_literal(self.admin_password)}")
+                await conn.execute(f"CREATE ROLE {_ident(self.user)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                                   f"NOREPLICATION NOBYPASSRLS PASSWORD {_literal(self.password)}")
+                await conn.execute(f"ALTER DATABASE {_ident(self.database)} OWNER TO {_ident(self.user)}")
+                for statement in await conn.fetch(_HAND_OVER, self.user):
+                    await conn.execute(statement[0])
+        finally:
+            await conn.close()
+        admin = await asyncpg.connect(self.admin_url(), timeout=10)
+        await admin.execute(f"DROP ROLE {_ident(helper)}")
+        print(f"lms: note: PostgreSQL's superuser is now '{self.admin_user}' (password in the state folder); "
+              f"'{self.user}' owns database {self.database} and has no other power", file=sys.stderr, flush=True)
+        return admin
 
     async def _create_database(self, conn: asyncpg.Connection, name: str) -> None:
         if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):

@@ -135,16 +135,10 @@ class LocalStack:
                 state["admin_email"], state["admin_password"] = "admin@example.com", new_password()
                 self._save(state)
             if "pg_admin_password" not in state:
-                if (self.dir / "postgres" / "PG_VERSION").exists():
-                    # Made before the superuser was split from the application's role: 'lms'
-                    # is the cluster's bootstrap superuser, which PostgreSQL will not demote.
-                    # It keeps working as it was; a fresh folder gets the safer layout.
-                    print(f"lms: note: in this stack the database user 'lms' is a PostgreSQL superuser (made by "
-                          f"an older lms); move {self.dir} away and run `lms up` again to get a database "
-                          f"owner without superuser powers", file=sys.stderr, flush=True)
-                else:
-                    state["pg_admin_password"] = new_password()
-                    self._save(state)
+                # A folder from before PostgreSQL's superuser was split from the application's
+                # role; Postgres.create_database converts the cluster in place at this start.
+                state["pg_admin_password"] = new_password()
+                self._save(state)
             if self.want_listen is not None or self.want_device_host is not None:
                 # Where the broker listens may change between runs; the ports may not.
                 state["mqtt_listen"] = self.want_listen or state.get("mqtt_listen", "127.0.0.1")
@@ -184,7 +178,7 @@ class LocalStack:
 
     def _run(self, state: dict[str, Any]) -> None:
         pg = Postgres(self.dir / "postgres", state["pg_port"], state["pg_password"],
-                      admin_password=state.get("pg_admin_password"))
+                      admin_password=state["pg_admin_password"])
         mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"],
                        listen=state.get("mqtt_listen", "127.0.0.1"))
         env = {**os.environ, **settings_env(self.dir)}

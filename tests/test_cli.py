@@ -372,3 +372,68 @@ def test_api_with_the_development_flag_starts_and_warns(stack: Stack, tmp_path: 
     # Production never takes the default, flag or not.
     r = run_lms("api", env={**env, "LMS_ENV": "production"})
     assert "LMS_SECRET_KEY" in one_line_error(r)
+
+
+def test_lms_up_splits_the_superuser_off_a_state_folder_made_before(tmp_path: Path) -> None:
+    """An older `lms up` made 'lms' the cluster's superuser (initdb -U lms). The next start
+    turns it into the new layout in place, and the data and passwords keep working."""
+    import asyncio
+
+    import asyncpg
+
+    from lms_cli.localstack import Postgres, new_password
+    from lms_core import migrations
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    old = {"mqtt_port": free_port(), "pg_port": free_port(), "bridge_metrics_port": free_port(),
+           "api_port": free_port(), "admin_email": "admin@example.com", "admin_password": new_password(),
+           "pg_password": new_password(), "service_password": new_password(), "secret_key": "k" * 48}
+    pg = Postgres(state / "postgres", old["pg_port"], old["pg_password"], admin_password=None)  # the old layout
+    pg.init()
+    pg.start()
+    try:
+        pg.create_database()
+
+        async def fill() -> None:
+            conn = await asyncpg.connect(pg.url)
+            try:
+                await migrations.migrate(conn)
+                await conn.execute("INSERT INTO organizations (slug, name) VALUES ('old', 'Old')")
+                assert await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            finally:
+                await conn.close()
+
+        asyncio.run(fill())
+    finally:
+        pg.stop()
+    (state / "stack.json").write_text(json.dumps(old))
+    os.chmod(state / "stack.json", 0o600)
+
+    up = UpProcess(state)
+    try:
+        up.wait_ready()
+        assert "PostgreSQL's superuser is now 'postgres'" in up.text()
+        new = json.loads((state / "stack.json").read_text())
+        assert new["pg_password"] == old["pg_password"] and new["pg_admin_password"]
+        url = f"postgresql://lms:{old['pg_password']}@127.0.0.1:{old['pg_port']}/lms"
+        check = ["psql", url, "-tAc", "SELECT rolsuper, rolcreatedb, (SELECT string_agg(DISTINCT tableowner, ',') "
+                 "FROM pg_tables WHERE schemaname = 'public') FROM pg_roles WHERE rolname = current_user"]
+        assert subprocess.run(check, capture_output=True, text=True).stdout.strip() == "f|f|lms"
+        admin = (f"postgresql://postgres:{new['pg_admin_password']}@127.0.0.1:{old['pg_port']}/lms")
+        out = subprocess.run(["psql", admin, "-tAc", "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"],
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == "t", out
+        # The data is there and the application still writes: a device in the old organization.
+        r = run_lms("device", "create", "old", "d1", "--json", env={"LMS_STATE_DIR": str(state)})
+        assert r.returncode == 0, r.stderr
+        assert run_lms("org", "create", "newer", env={"LMS_STATE_DIR": str(state)}).returncode == 0
+    finally:
+        assert up.interrupt() == 0, up.text()
+
+    again = UpProcess(state)  # and the converted folder starts as any other
+    try:
+        again.wait_ready()
+        assert "superuser is now" not in again.text()
+    finally:
+        assert again.interrupt() == 0, again.text()
