@@ -456,7 +456,8 @@ class Bench:
                     "auto_explain.log_buffers": "on", "auto_explain.log_timing": "on"}
 
         async def configure(on: bool) -> None:
-            conn = await asyncpg.connect(self.stack.pg.url)
+            # ALTER SYSTEM is the cluster superuser's; the application's role only owns its database.
+            conn = await asyncpg.connect(self.stack.pg.admin_url(self.stack.pg.database))
             try:
                 for k, v in settings.items():
                     await conn.execute(f"ALTER SYSTEM SET {k} = '{v}'" if on else f"ALTER SYSTEM RESET {k}",

@@ -8,6 +8,7 @@ their folders are handed to those users.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import os
 import pwd
@@ -21,6 +22,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+import asyncpg
 
 from lms_core.broker import write_bootstrap
 from lms_core.topics import TopicScheme
@@ -128,6 +132,56 @@ def _chown_tree(path: Path, user: pwd.struct_passwd | None) -> None:
         parent = parent.parent
 
 
+def open_log(path: Path) -> BinaryIO:
+    """A log file for a child's output, readable by us alone (0600, also when it exists).
+
+    Logs carry payload excerpts and e-mail addresses. The child writes through the
+    inherited descriptor, so the server's own OS user never needs to open the file.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)  # a log from before this rule
+    return os.fdopen(fd, "ab")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+_SPLIT_HELPER = "lms_split_helper"
+
+#: ALTER ... OWNER statements handing what the bootstrap superuser (oid 10) owns in the
+#: application's schemas to the new owner ($1). Tables take their indexes and owned
+#: sequences along; the second query runs after the first in one statement list, so an
+#: owned sequence is never altered on its own (PostgreSQL refuses that).
+_HAND_OVER = """
+WITH schemas AS (
+    SELECT oid, nspname FROM pg_namespace
+    WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%'
+)
+SELECT format('ALTER SCHEMA %I OWNER TO %I', nspname, $1::text) FROM pg_namespace
+ WHERE oid IN (SELECT oid FROM schemas) AND nspowner = 10
+UNION ALL
+SELECT format('ALTER %s %s OWNER TO %I',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                             WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+              c.oid::regclass, $1::text)
+  FROM pg_class c
+ WHERE c.relnamespace IN (SELECT oid FROM schemas) AND c.relowner = 10 AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+   AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                   AND d.deptype IN ('a', 'i') AND c.relkind = 'S')
+UNION ALL
+SELECT format('ALTER ROUTINE %s OWNER TO %I', p.oid::regprocedure, $1::text) FROM pg_proc p
+ WHERE p.pronamespace IN (SELECT oid FROM schemas) AND p.proowner = 10
+UNION ALL
+SELECT format('ALTER TYPE %s OWNER TO %I', t.oid::regtype, $1::text) FROM pg_type t
+ WHERE t.typnamespace IN (SELECT oid FROM schemas) AND t.typowner = 10 AND t.typtype IN ('e', 'd', 'r', 'm')
+"""
+
+
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 30) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -143,7 +197,14 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float = 30) -
 
 @dataclass
 class Postgres:
-    """A PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port``."""
+    """A PostgreSQL cluster in ``datadir`` listening on 127.0.0.1:``port``.
+
+    The cluster's superuser (``admin_user``) is not the application's role: ``user`` logs
+    in, owns ``database`` and nothing else (NOSUPERUSER NOCREATEDB NOCREATEROLE), so a
+    leaked application password or an injected statement cannot read files, run programs
+    or touch other databases. ``admin_password=None`` describes a cluster made before that
+    split, where ``user`` is itself the superuser; it keeps working as it was.
+    """
 
     datadir: Path
     port: int
@@ -152,10 +213,24 @@ class Postgres:
     database: str = "lms"
     extra_conf: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    admin_password: str | None = field(default_factory=lambda: new_password())
+    admin_user: str = "postgres"
 
     @property
     def url(self) -> str:
         return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def superuser(self) -> tuple[str, str]:
+        """(name, password) of the cluster's superuser."""
+        if self.admin_password is None:
+            return self.user, self.password
+        return self.admin_user, self.admin_password
+
+    def admin_url(self, database: str = "postgres") -> str:
+        """The superuser's URL: for creating roles and databases, stopping, inspecting."""
+        name, password = self.superuser
+        return f"postgresql://{name}:{password}@127.0.0.1:{self.port}/{database}"
 
     @property
     def log_path(self) -> Path:
@@ -169,15 +244,16 @@ class Postgres:
         runas = _unprivileged("postgres")
         self.datadir.mkdir(parents=True, exist_ok=True)
         pwfile = self.datadir.parent / ".pgpass-init"
+        admin, admin_password = self.superuser
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the superuser's password
         with os.fdopen(fd, "w") as f:
-            f.write(self.password + "\n")
+            f.write(admin_password + "\n")
         _chown_tree(self.datadir, runas)
         if runas:
             os.chown(pwfile, runas.pw_uid, runas.pw_gid)
         try:
             out = subprocess.run(
-                [str(bindir / "initdb"), "-D", str(self.datadir), "-U", self.user, "--pwfile", str(pwfile),
+                [str(bindir / "initdb"), "-D", str(self.datadir), "-U", admin, "--pwfile", str(pwfile),
                  "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8",
                  "--locale=C", "--no-sync"],
                 capture_output=True, user=runas.pw_uid if runas else None,
@@ -204,7 +280,7 @@ class Postgres:
         args = [str(bindir / "postgres"), "-D", str(self.datadir)]
         for k, v in opts.items():
             args += ["-c", f"{k}={v}"]
-        log = open(self.log_path, "ab")
+        log = open_log(self.log_path)
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             user=runas.pw_uid if runas else None, group=runas.pw_gid if runas else None,
@@ -226,22 +302,89 @@ class Postgres:
         raise StackError(f"PostgreSQL did not accept connections; log: {self.log_path}")
 
     def create_database(self) -> None:
-        """Create the application database if it does not exist (idempotent)."""
-        env = {**os.environ, "PGPASSWORD": self.password}
-        bindir = find_pg_bin()
-        q = subprocess.run(
-            [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "postgres",
-             "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.database}'"],
-            capture_output=True, env=env, check=False,
-        ) if (bindir / "psql").exists() else None
-        if q is not None and q.stdout.strip() == b"1":
-            return
-        r = subprocess.run(
-            [str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database],
-            capture_output=True, env=env, check=False,
-        )
-        if r.returncode != 0 and b"already exists" not in r.stderr:
-            raise StackError(f"createdb failed: {r.stderr.decode(errors='replace').strip()}")
+        """Create the application's role and database if missing (idempotent).
+
+        As the superuser: the role gets its password from ``password`` at every start (so
+        the state folder stays the source of truth) and no power beyond owning its database.
+        """
+        async def main() -> None:
+            try:
+                try:
+                    conn = await asyncpg.connect(self.admin_url(), timeout=10)
+                except asyncpg.InvalidAuthorizationSpecificationError:
+                    if self.admin_password is None:
+                        raise
+                    try:
+                        conn = await self._split_bootstrap_superuser()
+                    except asyncpg.PostgresError as exc:  # rolled back: the old layout is intact
+                        raise StackError(f"cannot give this older cluster a separate superuser "
+                                         f"'{self.admin_user}': {exc}") from None
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise StackError(f"cannot connect to PostgreSQL as {self.superuser[0]}: {exc}") from None
+            try:
+                if self.admin_password is not None:
+                    # Left behind if a start stopped between the split's commit and its end.
+                    await conn.execute(f"DROP ROLE IF EXISTS {_ident(_SPLIT_HELPER)}")
+                    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", self.user)
+                    await conn.execute(
+                        f"{'ALTER' if exists else 'CREATE'} ROLE {_ident(self.user)} LOGIN NOSUPERUSER NOCREATEDB "
+                        f"NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {_literal(self.password)}")
+                await self._create_database(conn, self.database)
+            except asyncpg.PostgresError as exc:
+                raise StackError(f"cannot create the database {self.database}: {exc}") from None
+            finally:
+                await conn.close()
+
+        asyncio.run(main())
+
+    async def _split_bootstrap_superuser(self) -> asyncpg.Connection:
+        """Turn a cluster made before the split (``user`` is its superuser) into the layout
+        of a new one, in place; return a connection as the superuser.
+
+        PostgreSQL never demotes the bootstrap superuser (the role initdb made), so that role
+        is renamed to ``admin_user`` and takes ``admin_password``, and ``user`` is made anew
+        without powers and given the database and everything in it. One transaction: a
+        failure leaves the old layout, still working. Re-raises the admin login's refusal
+        when the cluster is not such a one.
+        """
+        old = await asyncpg.connect(self.url.rsplit("/", 1)[0] + "/postgres", timeout=10)
+        helper, helper_password = _SPLIT_HELPER, new_password()
+        try:
+            if not await old.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user AND oid = 10"):
+                raise StackError(f"cannot log in to PostgreSQL as {self.admin_user}, and {self.user} is not the "
+                                 "cluster's superuser; check the passwords in the state folder")
+            # The session user cannot rename itself: a helper superuser does it.
+            await old.execute(f"DROP ROLE IF EXISTS {_ident(helper)}")
+            await old.execute(f"CREATE ROLE {_ident(helper)} LOGIN SUPERUSER PASSWORD {_literal(helper_password)}")
+        finally:
+            await old.close()
+        url = f"postgresql://{helper}:{helper_password}@127.0.0.1:{self.port}/{self.database}"
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"ALTER ROLE {_ident(self.user)} RENAME TO {_ident(self.admin_user)}")
+                assert self.admin_password is not None
+                await conn.execute(f"ALTER ROLE {_ident(self.admin_user)} PASSWORD {_literal(self.admin_password)}")
+                await conn.execute(f"CREATE ROLE {_ident(self.user)} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE "
+                                   f"NOREPLICATION NOBYPASSRLS PASSWORD {_literal(self.password)}")
+                await conn.execute(f"ALTER DATABASE {_ident(self.database)} OWNER TO {_ident(self.user)}")
+                for statement in await conn.fetch(_HAND_OVER, self.user):
+                    await conn.execute(statement[0])
+        finally:
+            await conn.close()
+        admin = await asyncpg.connect(self.admin_url(), timeout=10)
+        await admin.execute(f"DROP ROLE {_ident(helper)}")
+        print(f"lms: note: PostgreSQL's superuser is now '{self.admin_user}' (password in the state folder); "
+              f"'{self.user}' owns database {self.database} and has no other power", file=sys.stderr, flush=True)
+        return admin
+
+    async def _create_database(self, conn: asyncpg.Connection, name: str) -> None:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f"CREATE DATABASE {_ident(name)} OWNER {_ident(self.user)}")
+
+    def database_url(self, name: str) -> str:
+        """The application role's URL for another database on this cluster."""
+        return self.url.rsplit("/", 1)[0] + "/" + name
 
     def stop(self) -> None:
         """Fast shutdown: roll back open transactions, checkpoint, exit."""
@@ -297,9 +440,11 @@ class Mosquitto:
             raise StackError(f"port {self.port} (MQTT) is already in use")
         binary = find_mosquitto()
         conf = self.write_config()
-        # As root Mosquitto switches to the 'mosquitto' user, which must own its state.
+        # As root Mosquitto switches to the 'mosquitto' user, which must own its state. The
+        # persistence file holds queued payloads: only that user reads the folder.
         _chown_tree(self.workdir, _unprivileged("mosquitto"))
-        log = open(self.log_path, "ab")
+        os.chmod(self.workdir, 0o700)
+        log = open_log(self.log_path)
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()

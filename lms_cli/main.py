@@ -18,13 +18,23 @@ from lms_core.errors import LmsError
 EXIT_USAGE = 2
 
 
-def _settings(env: Mapping[str, str] | None = None) -> Any:
+def _settings(env: Mapping[str, str] | None = None, *, require_secret: bool = True) -> Any:
     from lms_cli.stack import settings_env
     from lms_core.settings import Settings
 
     merged = dict(settings_env())  # the local stack's, if there is one in this folder
     merged.update(os.environ if env is None else env)
-    return Settings.from_env(merged)
+    return Settings.from_env(merged, require_secret=require_secret)
+
+
+def _warn_insecure_secret(settings: Any, what: str) -> None:
+    """Say at start, at WARNING, that this process runs on the public development secret."""
+    import logging
+
+    if settings.insecure_secret:
+        logging.getLogger("lms.cli").warning(
+            "INSECURE: LMS_DEV_INSECURE_SECRET=1 and no LMS_SECRET_KEY: the %s runs on the public development "
+            "secret; anyone can forge its tokens and derive device passwords. Never expose it to a network.", what)
 
 
 # -- commands ------------------------------------------------------------------------
@@ -51,7 +61,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from lms_core import db, migrations
 
-    settings = _settings()
+    settings = _settings(require_secret=False)  # migrations sign and derive nothing
 
     async def main() -> list[Any]:
         conn = await db.connect(settings.database_url)
@@ -71,6 +81,7 @@ def cmd_bridge(args: argparse.Namespace) -> int:
 
     settings = _settings()
     logs.setup(settings.log_level)
+    _warn_insecure_secret(settings, "bridge")
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -92,6 +103,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = _settings()
     logs.setup(settings.log_level)
+    _warn_insecure_secret(settings, "API")
     if not port_free(settings.api.port, settings.api.host):
         raise StackError(f"port {settings.api.port} (API) is already in use")
     uvicorn.run(create_app(settings), host=settings.api.host, port=settings.api.port, log_config=None,
@@ -123,9 +135,10 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provisioner_call(fn_name: str, *fn_args: Any) -> Any:
+def _provisioner_call(fn_name: str, *fn_args: Any, **fn_kwargs: Any) -> Any:
     from lms_core import db
     from lms_core.broker import BrokerAdmin
+    from lms_core.errors import NotFound
     from lms_core.provisioning import Provisioner
     from lms_core.topics import TopicScheme
 
@@ -136,7 +149,13 @@ def _provisioner_call(fn_name: str, *fn_args: Any) -> Any:
         async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool, \
                 BrokerAdmin(settings.mqtt, topics) as admin:
             prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
-            return await getattr(prov, fn_name)(*fn_args)
+            try:
+                return await getattr(prov, fn_name)(*fn_args, **fn_kwargs)
+            except NotFound as exc:
+                org = fn_args[0]
+                if str(exc).startswith(f"organization {org} "):  # say how to make one
+                    raise NotFound(f"{exc}; create it first with `lms org create {org}`") from None
+                raise
 
     return asyncio.run(main())
 
@@ -159,7 +178,7 @@ def _print_credentials(creds: Any, as_json: bool, verb: str) -> None:
 
 def cmd_device(args: argparse.Namespace) -> int:
     if args.action == "create":
-        creds = _provisioner_call("create_device", args.org, args.device, args.name or "")
+        creds = _provisioner_call("create_device", args.org, args.device, args.name or "", create_org=False)
         _print_credentials(creds, args.json, "created")
     elif args.action == "rotate":
         creds = _provisioner_call("rotate_credentials", args.org, args.device)
@@ -168,6 +187,49 @@ def cmd_device(args: argparse.Namespace) -> int:
         enabled = args.action == "enable"
         _provisioner_call("set_enabled", args.org, args.device, enabled)
         print(f"device {args.org}/{args.device} {'enabled' if enabled else 'disabled and disconnected'}")
+    return 0
+
+
+def cmd_org(args: argparse.Namespace) -> int:
+    """``lms org create``: the one way the command line makes an organization.
+
+    Adding a device (``lms device create``) never creates or adopts one: an organization
+    that already exists belongs to whoever made it, and a taken slug is said out loud.
+    """
+    import asyncpg
+
+    from api.auth.service import audit
+    from lms_core import db
+    from lms_core.errors import AlreadyExists, NotFound
+
+    settings = _settings(require_secret=False)  # nothing is signed or derived
+
+    async def main() -> None:
+        conn = await db.connect(settings.database_url)
+        try:
+            async with conn.transaction():
+                owner = None
+                if args.owner:
+                    owner = await conn.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", args.owner)
+                    if owner is None:
+                        raise NotFound(f"no user {args.owner}; create it first with `lms user create {args.owner}`")
+                try:
+                    org_id = await conn.fetchval("INSERT INTO organizations (slug, name) VALUES ($1, $2) RETURNING id",
+                                                 args.slug, args.name or args.slug)
+                except asyncpg.UniqueViolationError:
+                    raise AlreadyExists(f"organization {args.slug} already exists (slugs are unique; "
+                                        "choose another)") from None
+                if owner is not None:
+                    await conn.execute("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')",
+                                       org_id, owner)
+                await audit(conn, "org.created", actor=owner, org_id=org_id, target=args.slug,
+                            detail={"via": "cli"})
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    print(f"organization {args.slug} created" + (f", owned by {args.owner}" if args.owner else
+                                                 " (no owner yet: --owner EMAIL gives it one)"))
     return 0
 
 
@@ -189,7 +251,7 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
     from lms_core.broker import write_bootstrap
     from lms_core.topics import TopicScheme
 
-    settings = _settings()
+    settings = _settings(require_secret=False)  # only the broker's service account is written
     path = Path(args.path)
     if path.exists():
         print(f"{path} exists; left as it is (the bridge reconciles it with the database)")
@@ -209,6 +271,12 @@ def _slug(value: str) -> str:
         return check_slug(value)
     except LmsError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _display_name(value: str) -> str:
+    if not 1 <= len(value) <= 200 or not value.isprintable():
+        raise argparse.ArgumentTypeError("a name is 1-200 printable characters")
+    return value
 
 
 def _address(value: str) -> str:
@@ -279,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("path", help="where the broker's plugin_opt_config_file points")
     bi.set_defaults(fn=cmd_broker_init)
 
+    org = sub.add_parser("org", help="manage organizations")
+    osub = org.add_subparsers(dest="action", required=True, metavar="ACTION")
+    oc = osub.add_parser("create", help="create an organization (refused if the slug is taken)")
+    oc.add_argument("slug", type=_slug, help="organization slug, as in topics: lms/SLUG/...")
+    oc.add_argument("--name", type=_display_name, help="display name (default: the slug)")
+    oc.add_argument("--owner", metavar="EMAIL", help="an existing user who becomes its owner")
+    oc.set_defaults(fn=cmd_org)
+
     dev = sub.add_parser("device", help="provision and manage devices")
     dsub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("create", "create a device and its MQTT credentials"),
@@ -286,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("disable", "disable a device and disconnect it"),
                          ("enable", "enable a disabled device")):
         a = dsub.add_parser(action, help=text)
-        a.add_argument("org", type=_slug, help="organization slug (created if needed)")
+        a.add_argument("org", type=_slug, help="organization slug (an existing one: `lms org create` makes it)")
         a.add_argument("device", type=_slug, help="device slug")
         if action in ("create", "rotate"):
             a.add_argument("--json", action="store_true", help="print the credentials as JSON")

@@ -2,7 +2,9 @@
 
 State folder (``.lms/`` by default)::
 
-    stack.json       ports, generated passwords and secret (mode 0600)
+    stack.json       ports, generated passwords and secret (mode 0600), including the
+                     PostgreSQL superuser's (``postgres``); the application's ``lms``
+                     role only owns the ``lms`` database
     postgres/        the PostgreSQL cluster          postgres.log
     mosquitto/       broker persistence and dynsec   mosquitto.log
     bridge.log       the bridge's JSON log
@@ -32,6 +34,7 @@ from lms_cli.localstack import (
     find_pg_bin,
     free_port,
     new_password,
+    open_log,
     port_free,
 )
 from lms_core import db, migrations
@@ -105,7 +108,10 @@ class LocalStack:
         find_dynsec_plugin()
         find_pg_bin()
         self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o755)
+        # Nobody else lists or reads the state (passwords, logs). Run as root, the servers run
+        # as the 'postgres' and 'mosquitto' users, who must still pass through to their own
+        # subfolders: they get the search bit only.
+        os.chmod(self.dir, 0o711 if os.geteuid() == 0 else 0o700)
         state = _load_state(self.dir)
         if state is None:
             print(f"creating a new stack in {self.dir}", flush=True)
@@ -119,6 +125,7 @@ class LocalStack:
                 "admin_email": "admin@example.com",
                 "admin_password": new_password(),
                 "pg_password": new_password(),
+                "pg_admin_password": new_password(),
                 "service_password": new_password(),
                 "secret_key": secrets.token_urlsafe(48),
             }
@@ -128,6 +135,11 @@ class LocalStack:
             if "api_port" not in state:  # a state folder from before the API
                 state["api_port"] = _pick_port(self.want_api, 8000, "API")
                 state["admin_email"], state["admin_password"] = "admin@example.com", new_password()
+                self._save(state)
+            if "pg_admin_password" not in state:
+                # A folder from before PostgreSQL's superuser was split from the application's
+                # role; Postgres.create_database converts the cluster in place at this start.
+                state["pg_admin_password"] = new_password()
                 self._save(state)
             if self.want_listen is not None or self.want_device_host is not None:
                 # Where the broker listens may change between runs; the ports may not.
@@ -167,7 +179,8 @@ class LocalStack:
         return 0
 
     def _run(self, state: dict[str, Any]) -> None:
-        pg = Postgres(self.dir / "postgres", state["pg_port"], state["pg_password"])
+        pg = Postgres(self.dir / "postgres", state["pg_port"], state["pg_password"],
+                      admin_password=state["pg_admin_password"])
         mq = Mosquitto(self.dir / "mosquitto", state["mqtt_port"], state["service_password"],
                        listen=state.get("mqtt_listen", "127.0.0.1"))
         env = {**os.environ, **settings_env(self.dir)}
@@ -224,7 +237,7 @@ class LocalStack:
         asyncio.run(main())
 
     def _start_child(self, name: str, env: dict[str, str]) -> None:
-        log = open(self.dir / f"{name}.log", "ab")  # handed to the child, closed here
+        log = open_log(self.dir / f"{name}.log")  # handed to the child, closed here
         self.children[name] = subprocess.Popen(
             [sys.executable, "-m", "lms_cli.main", name], env=env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -290,7 +303,8 @@ LMS Core is running (state in {self.dir})
   API           http://127.0.0.1:{s['api_port']}   OpenAPI: http://127.0.0.1:{s['api_port']}/schema
                 superuser {s['admin_email']} / {s['admin_password']}
 
-Provision a device and publish as it:
+Create an organization, add a device to it and publish as it:
+  {lms} org create acme
   {lms} device create acme sensor-1
   mosquitto_pub -p {s['mqtt_port']} -u acme.sensor-1 -P PASSWORD -i acme.sensor-1 -q 1 \\
       -t lms/acme/sensor-1/telemetry -m '{{"temp": 21.5}}'

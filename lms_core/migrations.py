@@ -2,7 +2,9 @@
 
 Each file runs in its own transaction and is recorded in ``schema_migrations`` with its
 SHA-256. A recorded file whose content changed, or that disappeared, stops the run: a
-schema that differs from what the files say is never papered over. An advisory lock
+schema that differs from what the files say is never papered over — except for the
+edits listed in :data:`SUPERSEDED`, each reviewed to leave an applied database correct
+(a later migration brings it level), whose old checksum is accepted and replaced. An advisory lock
 keeps concurrent runners (several bridges or API processes starting) from racing.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,16 @@ from lms_core.errors import MigrationError
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _LOCK_KEY = 0x4C4D5301  # "LMS\x01"
+
+#: Checksums of earlier versions of a file that a database may have applied and that
+#: the current version replaces in place: {version: {old sha256, ...}}. Add one only with
+#: a reason, and a later migration for what the old version did differently.
+SUPERSEDED: dict[int, frozenset[str]] = {
+    # 0001 read current_setting('shared_preload_libraries'), which only a superuser may,
+    # and segmented compressed events by device_id alone; 0005 fixes the latter on
+    # TimescaleDB installs made by the old file.
+    1: frozenset({"d857bb4c08537437f97cb0b7050cdbc3cd940479e6aa48b475200e130e0edb10"}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +62,8 @@ def load(directory: Path = DEFAULT_DIR) -> list[Migration]:
 
 
 async def migrate(conn: asyncpg.Connection, directory: Path = DEFAULT_DIR,
-                  progress: Callable[[str], None] | None = None) -> list[Migration]:
+                  progress: Callable[[str], None] | None = None,
+                  superseded: Mapping[int, frozenset[str]] = SUPERSEDED) -> list[Migration]:
     """Apply pending migrations; return those applied now."""
     migrations = load(directory)
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
@@ -68,7 +81,12 @@ async def migrate(conn: asyncpg.Connection, directory: Path = DEFAULT_DIR,
             m = by_version.get(version)
             if m is None:
                 raise MigrationError(f"migration {version:04d}_{row['name']} was applied but its file is missing")
-            if m.checksum != row["checksum"]:
+            if m.checksum != row["checksum"] and row["checksum"] in superseded.get(version, ()):
+                await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                                   version, m.checksum)
+                if progress:
+                    progress(f"accepted the revised {version:04d}_{m.name}.sql (its earlier version was applied)")
+            elif m.checksum != row["checksum"]:
                 raise MigrationError(
                     f"migration {version:04d}_{m.name}.sql changed after it was applied; "
                     "add a new migration instead of editing an applied one"

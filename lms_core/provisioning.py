@@ -87,8 +87,12 @@ class Provisioner:
         )
 
     async def create_device(self, org: str, device: str, name: str = "", *, properties: str = "{}",
-                            tags: list[str] | None = None, create_org: bool = True) -> DeviceCredentials:
-        """Create the organization if needed, the device and its broker credentials.
+                            tags: list[str] | None = None, create_org: bool = False) -> DeviceCredentials:
+        """Create the device and its broker credentials in an existing organization.
+
+        ``create_org=True`` (tests and benchmarks only) also creates a missing organization;
+        the CLI and the API never pass it: adopting an organization made by someone else
+        put devices in a stranger's hands.
 
         The broker call runs inside the database transaction: if the broker refuses, the
         rows are rolled back; if the commit fails afterwards, the next reconcile removes

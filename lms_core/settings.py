@@ -140,16 +140,22 @@ class Settings:
     mqtt: MqttUrl  # LMS_MQTT_URL (the platform service account)
     device_mqtt_url: str  # LMS_DEVICE_MQTT_URL: what devices are told to connect to
     topic_root: str = "lms"  # LMS_TOPIC_ROOT
-    secret_key: str = DEV_SECRET  # LMS_SECRET_KEY
+    secret_key: str = DEV_SECRET  # LMS_SECRET_KEY: required (or LMS_DEV_INSECURE_SECRET=1 for this default)
     production: bool = False  # LMS_ENV=production
+    # True when running on the public DEV_SECRET (LMS_DEV_INSECURE_SECRET=1); services warn.
+    insecure_secret: bool = False
     log_level: str = "INFO"  # LMS_LOG_LEVEL
     limits: Limits = field(default_factory=Limits)
     bridge: BridgeSettings = field(default_factory=BridgeSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``env`` (default ``os.environ``); raise SettingsError."""
+    def from_env(cls, env: Mapping[str, str] | None = None, *, require_secret: bool = True) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); raise SettingsError.
+
+        ``require_secret=False`` is for commands that never sign or derive anything with
+        the secret (``lms migrate``, ``lms broker-init``).
+        """
         env = os.environ if env is None else env
         db = env.get("LMS_DATABASE_URL", "")
         if not db:
@@ -163,9 +169,15 @@ class Settings:
         if not mqtt.username or not mqtt.password:
             raise SettingsError("LMS_MQTT_URL must carry the platform service account's user:password")
         production = _choice(env, "LMS_ENV", "development", ("development", "production")) == "production"
-        secret = env.get("LMS_SECRET_KEY", DEV_SECRET)
+        secret = env.get("LMS_SECRET_KEY") or DEV_SECRET
         if production and (secret == DEV_SECRET or len(secret) < 32):
             raise SettingsError("LMS_SECRET_KEY must be set to a random value of 32+ characters in production")
+        # The default is published: tokens signed with it, and device passwords derived from
+        # it, are anyone's. It is taken only when asked for by name (LMS_DEV_INSECURE_SECRET=1).
+        insecure = secret == DEV_SECRET
+        if insecure and require_secret and _choice(env, "LMS_DEV_INSECURE_SECRET", "0", ("0", "1")) != "1":
+            raise SettingsError("LMS_SECRET_KEY is not set (32+ random characters); for local development only, "
+                                "LMS_DEV_INSECURE_SECRET=1 uses the public default")
         root = env.get("LMS_TOPIC_ROOT", "lms")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", root):
             raise SettingsError(f"LMS_TOPIC_ROOT must match [A-Za-z0-9_-]{{1,32}}, got {root!r}")
@@ -246,6 +258,7 @@ class Settings:
             topic_root=root,
             secret_key=secret,
             production=production,
+            insecure_secret=insecure,
             log_level=level,
             limits=limits,
             bridge=bridge,

@@ -63,18 +63,34 @@ CREATE INDEX quarantine_org_received_at ON quarantine (org_slug, received_at DES
 
 -- TimescaleDB, only where the extension is installed and preloaded. Nothing queries
 -- through TimescaleDB functions; this only changes how the data is laid out on disk.
+-- Runs as the database's owner, not a superuser: shared_preload_libraries is unreadable
+-- to it ("must be superuser or have privileges of pg_read_all_settings"). So the
+-- extension counts as present if an administrator created it in this database (the
+-- TimescaleDB image does, in POSTGRES_DB and template1), or if creating it here succeeds;
+-- a refusal (not preloaded, not allowed to this role) is rolled back in its own
+-- sub-block and leaves plain PostgreSQL tables, as on a server without the extension.
 DO $$
+DECLARE
+    timescale boolean := EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb');
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
-       AND current_setting('shared_preload_libraries') LIKE '%timescaledb%' THEN
-        CREATE EXTENSION IF NOT EXISTS timescaledb;
+    IF NOT timescale AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+        BEGIN
+            CREATE EXTENSION IF NOT EXISTS timescaledb;
+            timescale := true;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE NOTICE 'timescaledb is installed but not usable here (%); plain tables', SQLERRM;
+        END;
+    END IF;
+    IF timescale THEN
         EXECUTE $q$SELECT create_hypertable('readings', 'time', chunk_time_interval => INTERVAL '1 day')$q$;
         EXECUTE $q$SELECT create_hypertable('events', 'time', chunk_time_interval => INTERVAL '7 days')$q$;
         EXECUTE $q$ALTER TABLE readings SET (timescaledb.compress,
                    timescaledb.compress_segmentby = 'device_id, metric',
                    timescaledb.compress_orderby = 'time DESC')$q$;
+        -- type is in the unique index (device_id, type, time): segmenting by it keeps the
+        -- index usable on compressed chunks (TimescaleDB warns otherwise).
         EXECUTE $q$ALTER TABLE events SET (timescaledb.compress,
-                   timescaledb.compress_segmentby = 'device_id',
+                   timescaledb.compress_segmentby = 'device_id, type',
                    timescaledb.compress_orderby = 'time DESC')$q$;
         EXECUTE $q$SELECT add_compression_policy('readings', INTERVAL '7 days')$q$;
         EXECUTE $q$SELECT add_compression_policy('events', INTERVAL '30 days')$q$;

@@ -127,15 +127,16 @@ class Stack:
 
     # -- provisioning -----------------------------------------------------------------
 
-    async def _provision(self, fn: str, *args: Any) -> Any:
+    async def _provision(self, fn: str, *args: Any, **kwargs: Any) -> Any:
         topics = TopicScheme()
         async with db.create_pool(self.pg.url, min_size=1, max_size=2) as pool, \
                 BrokerAdmin(self.mqtt_url, topics) as admin:
             prov = Provisioner(pool, admin, topics, SECRET, f"mqtt://127.0.0.1:{self.mq.port}")
-            return await getattr(prov, fn)(*args)
+            return await getattr(prov, fn)(*args, **kwargs)
 
     def create_device(self, org: str, device: str) -> DeviceCredentials:
-        return asyncio.run(self._provision("create_device", org, device))
+        # Tests make organizations on the fly; the CLI and the API never do (see Provisioner).
+        return asyncio.run(self._provision("create_device", org, device, create_org=True))
 
     def set_enabled(self, org: str, device: str, enabled: bool) -> None:
         asyncio.run(self._provision("set_enabled", org, device, enabled))
@@ -155,6 +156,24 @@ class Stack:
     def scalar(self, sql: str, *args: Any) -> Any:
         rows = self.query(sql, *args)
         return rows[0][0] if rows else None
+
+    def admin_query(self, sql: str, *args: Any, database: str = "postgres") -> list[asyncpg.Record]:
+        """As the cluster's superuser: the application's role ``lms`` only owns its database,
+        so whatever needs more (creating databases, inspecting other sessions) comes here."""
+        async def run() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.pg.admin_url(database))
+            try:
+                return list(await conn.fetch(sql, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def fresh_database(self, name: str) -> str:
+        """Drop and create database ``name`` owned by the application's role; its URL as that role."""
+        self.admin_query(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.admin_query(f'CREATE DATABASE "{name}" OWNER "{self.pg.user}"')
+        return self.pg.database_url(name)
 
 
 class BridgeProcess:

@@ -47,7 +47,8 @@ def _org_routes(api: ApiProcess) -> list[tuple[str, str, str]]:
     from api.app import create_app
     from lms_core.settings import Settings
 
-    app = create_app(Settings.from_env({"LMS_DATABASE_URL": "postgresql://x@y/z", "LMS_MQTT_URL": "mqtt://a:b@c"}))
+    app = create_app(Settings.from_env({"LMS_DATABASE_URL": "postgresql://x@y/z", "LMS_MQTT_URL": "mqtt://a:b@c"},
+                                       require_secret=False))
     perms: dict[tuple[str, str], str] = {}
     for route in app.routes:
         template = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)

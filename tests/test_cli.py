@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lms_cli.localstack import free_port
-from tests.harness import REPO, Device, Stack, wait_until
+from tests.harness import REPO, ApiProcess, Device, Stack, wait_until
 
 LMS = [sys.executable, "-m", "lms_cli.main"]
 
@@ -38,6 +38,7 @@ def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_device_create_prints_credentials_as_json_and_they_work(stack: Stack, unique: str) -> None:
+    assert run_lms("org", "create", unique, env=stack.env()).returncode == 0
     r = run_lms("device", "create", unique, "sensor-1", "--json", env=stack.env())
     assert r.returncode == 0, r.stderr
     creds = json.loads(r.stdout)
@@ -66,6 +67,7 @@ def test_device_create_prints_credentials_as_json_and_they_work(stack: Stack, un
 
 
 def test_rotate_stops_the_old_password(stack: Stack, unique: str) -> None:
+    assert run_lms("org", "create", unique, env=stack.env()).returncode == 0
     old = json.loads(run_lms("device", "create", unique, "d", "--json", env=stack.env()).stdout)
     new = json.loads(run_lms("device", "rotate", unique, "d", "--json", env=stack.env()).stdout)
     assert new["password"] != old["password"]
@@ -109,10 +111,7 @@ def test_unreachable_database_and_broker_and_bad_settings_are_one_line_errors(st
 
 
 def test_bridge_refuses_an_unmigrated_database(stack: Stack) -> None:
-    r = subprocess.run(["createdb", "-h", "127.0.0.1", "-p", str(stack.pg.port), "-U", "lms", "empty"],
-                       env={**os.environ, "PGPASSWORD": stack.pg.password}, capture_output=True)
-    assert r.returncode == 0 or b"already exists" in r.stderr
-    url = stack.pg.url.rsplit("/", 1)[0] + "/empty"
+    url = stack.fresh_database("empty")
     err = one_line_error(run_lms("bridge", env=stack.env(LMS_DATABASE_URL=url)))
     assert "run `lms migrate`" in err
     assert run_lms("migrate", env=stack.env(LMS_DATABASE_URL=url)).returncode == 0
@@ -223,6 +222,7 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         assert "creating a new stack" in out
         assert f"mqtt://127.0.0.1:{mqtt_port}" in out
         assert "device create acme sensor-1" in out and "mosquitto_pub" in out and "mosquitto_sub" in out
+        assert -1 < out.find(" org create acme\n") < out.find(" device create acme sensor-1\n"), out
         assert f"http://127.0.0.1:{api_port}" in out
         admin = json.loads((state / "stack.json").read_text())
         assert f"superuser {admin['admin_email']} / {admin['admin_password']}" in out
@@ -238,7 +238,12 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         exports = dict(line.removeprefix("export ").split("=", 1) for line in env_out.stdout.splitlines())
         assert exports["LMS_DATABASE_URL"].strip("'").endswith(f"@127.0.0.1:{pg_port}/lms")
 
-        # The CLI finds the local stack by its state folder, no exports needed.
+        # The CLI finds the local stack by its state folder, no exports needed; the quick start's
+        # two explicit steps: the organization, then a device in it.
+        assert "lms org create acme" in one_line_error(
+            run_lms("device", "create", "acme", "sensor-1", env={"LMS_STATE_DIR": str(state)}))
+        r = run_lms("org", "create", "acme", env={"LMS_STATE_DIR": str(state)})
+        assert r.returncode == 0, r.stderr
         r = run_lms("device", "create", "acme", "sensor-1", "--json", env={"LMS_STATE_DIR": str(state)})
         assert r.returncode == 0, r.stderr
         from lms_core.provisioning import DeviceCredentials
@@ -263,6 +268,18 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         psql = ["psql", exports["LMS_DATABASE_URL"].strip("'"), "-tAc", "SELECT count(*) FROM readings"]
         wait_until(lambda: subprocess.run(psql, capture_output=True, text=True).stdout.strip() == "1", 15,
                    "the reading to be stored")
+        # The application's database role owns its database, without superuser powers.
+        role = subprocess.run([*psql[:-1], "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
+                               "WHERE rolname = current_user"], capture_output=True, text=True)
+        assert role.stdout.strip() == "f|f|f", role
+        # Logs (payload excerpts, e-mails) and the state folder are not for other users.
+        logs = sorted(p.name for p in state.glob("*.log"))
+        assert logs == ["api.log", "bridge.log", "mosquitto.log", "postgres.log"], logs
+        for log in state.glob("*.log"):
+            assert log.stat().st_mode & 0o777 == 0o600, log
+        assert state.stat().st_mode & 0o077 in (0, 0o011)  # at most the search bit, for the servers' users
+        assert (state / "mosquitto").stat().st_mode & 0o077 == 0
+        assert (state / "stack.json").stat().st_mode & 0o777 == 0o600
 
         second = run_lms("up", "--state", str(state))
         assert "already running" in one_line_error(second)
@@ -321,6 +338,7 @@ def test_lms_up_can_let_devices_on_the_network_in(tmp_path: Path) -> None:
         up.wait_ready()
         assert f"devices connect to mqtt://hub.example:{mqtt_port}" in up.text()
         assert f"listener {mqtt_port} 0.0.0.0" in (state / "mosquitto" / "mosquitto.conf").read_text()
+        assert run_lms("org", "create", "acme", env={"LMS_STATE_DIR": str(state)}).returncode == 0
         r = run_lms("device", "create", "acme", "d1", "--json", env={"LMS_STATE_DIR": str(state)})
         creds = json.loads(r.stdout)
         assert creds["mqtt_url"] == f"mqtt://hub.example:{mqtt_port}"
@@ -333,3 +351,137 @@ def test_lms_up_can_let_devices_on_the_network_in(tmp_path: Path) -> None:
         assert up.interrupt() == 0, up.text()
     bad = run_lms("up", "--state", str(tmp_path / "x"), "--listen", "everywhere")
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+def test_org_create_is_explicit_and_device_create_never_adopts_an_organization(stack: Stack, unique: str,
+                                                                                api: ApiProcess) -> None:
+    # A stranger registers and creates the organization the operator meant to use.
+    from tests.test_api_access import User
+
+    stranger = User(api, f"{unique}-stranger@example.com")
+    taken = f"{unique}-acme"
+    assert stranger.call("POST", "/api/v1/orgs", {"slug": taken}).status_code == 201
+    stranger.client.close()
+    # The operator's explicit creation is refused instead of joining the stranger's organization.
+    assert f"organization {taken} already exists" in one_line_error(run_lms("org", "create", taken, env=stack.env()))
+
+    # Adding a device to an organization that does not exist says how to create it.
+    mine = f"{unique}-mine"
+    err = one_line_error(run_lms("device", "create", mine, "sensor-1", env=stack.env()))
+    assert f"organization {mine} does not exist" in err and f"lms org create {mine}" in err
+    assert stack.scalar("SELECT count(*) FROM organizations WHERE slug = $1", mine) == 0
+
+    # Bad slug, unknown owner: one line each; nothing is created.
+    assert run_lms("org", "create", "Bad Org", env=stack.env()).returncode == 2
+    assert "no user nobody@example.com" in one_line_error(
+        run_lms("org", "create", mine, "--owner", "nobody@example.com", env=stack.env()))
+    assert stack.scalar("SELECT count(*) FROM organizations WHERE slug = $1", mine) == 0
+
+    owner = f"{unique}-owner@example.com"
+    assert run_lms("user", "create", owner, env=stack.env(), input="owner-pw-123456\n").returncode == 0
+    r = run_lms("org", "create", mine, "--name", "My Plant", "--owner", owner.upper(), env=stack.env())
+    assert r.returncode == 0, r.stderr
+    assert f"organization {mine} created" in r.stdout
+    assert stack.query("""SELECT o.name, m.role, u.email FROM organizations o JOIN memberships m ON m.org_id = o.id
+                          JOIN users u ON u.id = m.user_id WHERE o.slug = $1""", mine)[0][:] == (
+        "My Plant", "owner", owner)
+    r = run_lms("device", "create", mine, "sensor-1", "--json", env=stack.env())
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["topic_prefix"] == f"lms/{mine}/sensor-1"
+
+
+def _without_secret(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k != "LMS_SECRET_KEY"}
+
+
+@pytest.mark.parametrize("command", ["api", "bridge", "reconcile"])
+def test_services_refuse_to_start_without_a_secret(stack: Stack, command: str) -> None:
+    env = _without_secret(stack.env(LMS_API_PORT=str(free_port())))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LMS_")}
+    r = subprocess.run([*LMS, command], env={**base, **env}, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "LMS_SECRET_KEY is not set" in one_line_error(r)
+    assert "LMS_DEV_INSECURE_SECRET=1" in r.stderr
+    # The published development default is no better than none.
+    r = subprocess.run([*LMS, command], env={**base, **env, "LMS_SECRET_KEY": "dev-insecure-secret-change-me"},
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "LMS_SECRET_KEY" in one_line_error(r)
+
+
+def test_api_with_the_development_flag_starts_and_warns(stack: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    env = _without_secret(stack.env(LMS_API_PORT=str(port), LMS_DEV_INSECURE_SECRET="1"))
+    a = ApiProcess(env, tmp_path / "api.log", port)
+    a.start()
+    try:
+        warnings = [json.loads(line) for line in a.log.read_text().splitlines() if line.startswith("{")]
+        assert any(w["level"] == "warning" and "LMS_DEV_INSECURE_SECRET" in w["msg"] for w in warnings), warnings
+    finally:
+        a.stop()
+    # Production never takes the default, flag or not.
+    r = run_lms("api", env={**env, "LMS_ENV": "production"})
+    assert "LMS_SECRET_KEY" in one_line_error(r)
+
+
+def test_lms_up_splits_the_superuser_off_a_state_folder_made_before(tmp_path: Path) -> None:
+    """An older `lms up` made 'lms' the cluster's superuser (initdb -U lms). The next start
+    turns it into the new layout in place, and the data and passwords keep working."""
+    import asyncio
+
+    import asyncpg
+
+    from lms_cli.localstack import Postgres, new_password
+    from lms_core import migrations
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    old = {"mqtt_port": free_port(), "pg_port": free_port(), "bridge_metrics_port": free_port(),
+           "api_port": free_port(), "admin_email": "admin@example.com", "admin_password": new_password(),
+           "pg_password": new_password(), "service_password": new_password(), "secret_key": "k" * 48}
+    pg = Postgres(state / "postgres", old["pg_port"], old["pg_password"], admin_password=None)  # the old layout
+    pg.init()
+    pg.start()
+    try:
+        pg.create_database()
+
+        async def fill() -> None:
+            conn = await asyncpg.connect(pg.url)
+            try:
+                await migrations.migrate(conn)
+                await conn.execute("INSERT INTO organizations (slug, name) VALUES ('old', 'Old')")
+                assert await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            finally:
+                await conn.close()
+
+        asyncio.run(fill())
+    finally:
+        pg.stop()
+    (state / "stack.json").write_text(json.dumps(old))
+    os.chmod(state / "stack.json", 0o600)
+
+    up = UpProcess(state)
+    try:
+        up.wait_ready()
+        assert "PostgreSQL's superuser is now 'postgres'" in up.text()
+        new = json.loads((state / "stack.json").read_text())
+        assert new["pg_password"] == old["pg_password"] and new["pg_admin_password"]
+        url = f"postgresql://lms:{old['pg_password']}@127.0.0.1:{old['pg_port']}/lms"
+        check = ["psql", url, "-tAc", "SELECT rolsuper, rolcreatedb, (SELECT string_agg(DISTINCT tableowner, ',') "
+                 "FROM pg_tables WHERE schemaname = 'public') FROM pg_roles WHERE rolname = current_user"]
+        assert subprocess.run(check, capture_output=True, text=True).stdout.strip() == "f|f|lms"
+        admin = (f"postgresql://postgres:{new['pg_admin_password']}@127.0.0.1:{old['pg_port']}/lms")
+        out = subprocess.run(["psql", admin, "-tAc", "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"],
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == "t", out
+        # The data is there and the application still writes: a device in the old organization.
+        r = run_lms("device", "create", "old", "d1", "--json", env={"LMS_STATE_DIR": str(state)})
+        assert r.returncode == 0, r.stderr
+        assert run_lms("org", "create", "newer", env={"LMS_STATE_DIR": str(state)}).returncode == 0
+    finally:
+        assert up.interrupt() == 0, up.text()
+
+    again = UpProcess(state)  # and the converted folder starts as any other
+    try:
+        again.wait_ready()
+        assert "superuser is now" not in again.text()
+    finally:
+        assert again.interrupt() == 0, again.text()
