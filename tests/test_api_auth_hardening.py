@@ -64,7 +64,7 @@ def test_a_concurrent_burst_through_two_api_processes_gets_only_the_limit_evalua
 # -- 9: registration off by default, rate-limited when on --------------------------------
 
 def test_registration_is_off_by_default_and_lms_up_has_a_switch() -> None:
-    base = {"LMS_DATABASE_URL": "postgresql://x@y/z", "LMS_MQTT_URL": "mqtt://a:b@c"}
+    base = {"LMS_DATABASE_URL": "postgresql://x@y/z", "LMS_MQTT_URL": "mqtt://a:b@c", "LMS_SECRET_KEY": "s" * 32}
     assert Settings.from_env(base).api.registration is False
     assert Settings.from_env({**base, "LMS_API_REGISTRATION": "on"}).api.registration is True
     assert build_parser().parse_args(["up", "--registration"]).registration is True
