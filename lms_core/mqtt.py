@@ -49,7 +49,7 @@ class AsyncMqttClient:
         url: MqttUrl,
         *,
         client_id: str = "",
-        protocol: int = paho.MQTTv311,
+        protocol: paho.MQTTProtocolVersion = paho.MQTTv311,
         persistent: bool = False,
         manual_ack: bool = False,
         reconnect: bool = False,
