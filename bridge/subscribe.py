@@ -106,10 +106,13 @@ class Ingest:
     async def _subscribe(self) -> None:
         try:
             await self.mqtt.subscribe(self.filters, qos=1)
-            # A session switched between exclusive and shared mode keeps the other mode's
-            # subscription; without this each message would arrive twice.
-            await self.mqtt.unsubscribe(self.other_filters)
             log.info("subscribed", extra={"filters": self.filters})
+            # A session switched between exclusive and shared mode keeps the other mode's
+            # subscription; without this each message would arrive twice. No deadline for
+            # the answer: Mosquitto sends this UNSUBACK behind the session's backlog (after
+            # a restart, only once most of it is drained), and MQTT 3.1.1 cannot refuse an
+            # UNSUBSCRIBE. A lost connection still ends the wait (BrokerUnavailable).
+            await self.mqtt.unsubscribe(self.other_filters, timeout=None)
         except BrokerUnavailable:
             pass  # the connection dropped; the next connection subscribes again
         except BrokerError as exc:
