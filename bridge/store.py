@@ -51,7 +51,10 @@ class Message(msgspec.Struct, gc=False, frozen=True):
 
     A Struct is built in C and, with ``gc=False``, is not tracked by the garbage
     collector, which otherwise walks the buffer again and again while a drain fills it.
-    Safe: its fields (str, bytes, numbers) cannot form a reference cycle.
+    Safe: its fields (str, bytes, numbers) cannot form a reference cycle. In the callback
+    itself, with real paho messages (bench/hot_path.py, interleaved runs): 257-280 ns per
+    message against 243-268 ns with the tuple, inside the runs' noise; the whole bridge
+    spends ~35 us of CPU per message (bench/ingest.py), mostly in paho's parser and COPY.
     """
 
     topic: str

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from time import time as _now  # a global, not an attribute, read once per message
 
 import paho.mqtt.client as paho
 
@@ -76,7 +76,7 @@ class Ingest:
             return  # stopping: left unacknowledged for the broker to redeliver
         buf = self.buffer
         # QoS 0 messages carry no packet id (mid 0): they are never acknowledged.
-        buf.append(Message(msg.topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, time.time(),
+        buf.append(Message(msg.topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, _now(),
                            msg.retain))
         n = len(buf)
         if n == 1 or n >= self.batch_size:
