@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.harness import ApiProcess, BridgeProcess, Stack
+
+# Property-based tests are derandomized by default, so CI is red or green by the code alone;
+# `HYPOTHESIS_PROFILE=random` draws new examples (the longer run before a release, see README).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("random", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _names = itertools.count(1)
 
