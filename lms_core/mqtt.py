@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -49,7 +49,7 @@ class AsyncMqttClient:
         url: MqttUrl,
         *,
         client_id: str = "",
-        protocol: int = paho.MQTTv311,
+        protocol: MQTTProtocolVersion = paho.MQTTv311,
         persistent: bool = False,
         manual_ack: bool = False,
         reconnect: bool = False,
@@ -175,7 +175,7 @@ class AsyncMqttClient:
 
     def _connect_blocking(self) -> None:
         if self.protocol == paho.MQTTv5:
-            props = Properties(PacketTypes.CONNECT)
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
             props.SessionExpiryInterval = self.session_expiry if self.persistent else 0
             self.client.connect(self.url.host, self.url.port, self.keepalive,
                                 clean_start=not self.persistent, properties=props)
