@@ -1,4 +1,5 @@
-"""paho-mqtt driven by the asyncio event loop, in the loop's own thread.
+"""paho-mqtt driven by the asyncio event loop, in the loop's own thread (only the connect, which
+blocks, runs in a worker thread).
 
 Why not aiomqtt: measured on the reference machine, aiomqtt's per-message futures and
 queue cap a subscriber at ~10k msg/s, while paho's parser alone does 25k-70k. Why not

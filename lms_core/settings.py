@@ -3,7 +3,7 @@
 Each setting is one annotated field of a frozen msgspec Struct per concern (:class:`Limits`,
 :class:`BridgeSettings`, :class:`ApiSettings`, and :class:`Settings` for the rest): the
 field's type and default, and a :func:`setting` marker with the variable's name, its bounds,
-pattern or words, and a one-line help. Nothing else names a variable: :meth:`Settings.from_env`
+pattern or words, and a one-line help. Nothing else declares a variable: :meth:`Settings.from_env`
 reads the environment through these declarations (msgspec checks the bounds and patterns)
 and raises :class:`~lms_core.errors.SettingsError` with a one-line message naming the
 variable, so a typo never surfaces as a traceback deep inside a worker; :func:`markdown_table`
