@@ -32,7 +32,7 @@ import typing
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -299,12 +299,12 @@ class Settings(msgspec.Struct, frozen=True):
         device_url = env.get("LMS_DEVICE_MQTT_URL", mqtt.public())
         MqttUrl.parse(device_url, var="LMS_DEVICE_MQTT_URL")
 
-        limits = _build(Limits, _read(Limits, env))
+        limits = Limits(**_read(Limits, env))
         try:
             re.compile(limits.metric_pattern)
         except re.error as exc:
             raise SettingsError(f"LMS_METRIC_PATTERN is not a valid regular expression: {exc}") from exc
-        bridge = _build(BridgeSettings, _read(BridgeSettings, env))
+        bridge = BridgeSettings(**_read(BridgeSettings, env))
         api_values = _read(ApiSettings, env)
         if "LMS_API_COOKIE_SECURE" not in env:
             api_values["cookie_secure"] = production
@@ -316,10 +316,9 @@ class Settings(msgspec.Struct, frozen=True):
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise SettingsError(f"LMS_API_TRUSTED_PROXIES: {proxy!r} is not an address or network") from None
-        api = _build(ApiSettings, api_values)
-        return _build(cls, {**top, "database_url": db, "mqtt": mqtt, "device_mqtt_url": device_url,
-                            "secret_key": secret, "insecure_secret": insecure,
-                            "limits": limits, "bridge": bridge, "api": api})
+        api = ApiSettings(**api_values)
+        return cls(**{**top, "database_url": db, "mqtt": mqtt, "device_mqtt_url": device_url, "secret_key": secret,
+                      "insecure_secret": insecure, "limits": limits, "bridge": bridge, "api": api})
 
 
 # -- reading the declarations ---------------------------------------------------------
@@ -337,9 +336,6 @@ class Declared(NamedTuple):
     @property
     def extra(self) -> dict[str, Any]:
         return self.meta.extra or {}
-
-
-_S = TypeVar("_S", bound=msgspec.Struct)
 
 
 def declared(cls: type[msgspec.Struct], *, nested: bool = True) -> Iterator[Declared]:
@@ -400,10 +396,6 @@ def _parse(d: Declared, raw: str) -> Any:
 def _checked(d: Declared, value: Any) -> Any:
     """``value`` if it meets the declaration's bounds or pattern (msgspec checks them)."""
     return msgspec.convert(value, d.annotated)
-
-
-def _build(cls: type[_S], values: Mapping[str, Any]) -> _S:
-    return cls(**values)
 
 
 # -- the README's table ---------------------------------------------------------------
