@@ -58,6 +58,29 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from lms_core.settings import README_END, README_START, Settings, declared, markdown_table
+
+    if args.update:
+        path = Path(args.update)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise StackError(f"cannot read {path}: {exc.strerror}") from None
+        start, end = text.find(README_START), text.find(README_END)
+        if start < 0 or end < start:
+            raise StackError(f"{path} has no {README_START} ... {README_END} markers")
+        head = text[:start + len(README_START)]
+        path.write_text(head + "\n" + markdown_table() + text[end:])
+        print(f"updated the settings table in {path}")
+    elif args.markdown:
+        print(markdown_table(), end="")
+    else:
+        for d in declared(Settings):
+            print(f"{d.var}  {d.meta.description}")
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from lms_core import db, migrations
 
@@ -328,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")
     env.add_argument("--state", default=state_default)
     env.set_defaults(fn=cmd_env)
+
+    st = sub.add_parser("settings", help="list the LMS_* settings (the README's table is generated from them)")
+    st.add_argument("--markdown", action="store_true", help="print them as the README's Markdown table")
+    st.add_argument("--update", metavar="README", help="rewrite the table between the settings-table markers "
+                                                      "of this file")
+    st.set_defaults(fn=cmd_settings)
 
     sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
     sub.add_parser("bridge", help="run one bridge process (LMS_DATABASE_URL, LMS_MQTT_URL)").set_defaults(

@@ -21,7 +21,7 @@ API and administration commands use it under several ids, and it administers the
 anyway (it could create any login it wanted). It is the platform's own secret and is
 never handed to people.
 
-The database is the source of truth; :func:`lms_core.provisioning.reconcile` brings the
+The database is the source of truth; :meth:`lms_core.provisioning.Provisioner.reconcile` brings the
 broker in line with it.
 """
 
@@ -232,8 +232,8 @@ class BrokerAdmin:
 
     async def execute(self, commands: list[dict[str, Any]], *, timeout: float = 10,
                       ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-        """Send commands in one message; return responses; raise on the first error not
-        whose text contains one of ``ignore``."""
+        """Send commands in one message; return responses; raise on the first error whose
+        text contains none of ``ignore``."""
         if not commands:
             return []
         loop = asyncio.get_running_loop()

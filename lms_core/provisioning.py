@@ -4,12 +4,12 @@ Device passwords are never stored. Each is ``HMAC-SHA256(secret, org/device/nonc
 with a random per-device nonce kept in the database, so that:
 
 * a stolen database alone reveals no password;
-* the broker's credentials can be rebuilt from the database (:func:`reconcile`) after
+* the broker's credentials can be rebuilt from the database (:meth:`Provisioner.reconcile`) after
   the broker's state is lost, without asking every device to be re-provisioned;
 * rotating credentials is a new nonce.
 
 Changing ``LMS_SECRET_KEY`` therefore changes every device's password the next time the
-broker is rebuilt; :func:`reconcile` only sets passwords for clients missing from the
+broker is rebuilt; :meth:`Provisioner.reconcile` only sets passwords for clients missing from the
 broker, so it does not lock devices out by itself.
 """
 

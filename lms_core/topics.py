@@ -41,7 +41,8 @@ class TopicScheme:
         return [f"{prefix}/{kind}" for kind in DEVICE_SUBSCRIBES]
 
     def ingest_filters(self) -> list[str]:
-        """What the bridge subscribes to (each behind ``$share/<group>/``)."""
+        """What the bridge subscribes to: directly, or each behind ``$share/<group>/`` when
+        several bridges share the load (``LMS_BRIDGE_SUBSCRIPTION=shared``)."""
         return [
             f"{self.root}/+/+/telemetry",
             f"{self.root}/+/+/status",
