@@ -71,6 +71,16 @@ def setting(env: str, doc: str, *, ge: int | None = None, le: int | None = None,
     return msgspec.Meta(ge=ge, le=le, description=doc, extra=extra)
 
 
+def _without_password(url: str) -> str:
+    """``url`` with the password part of its user info replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}{at}{host}"
+
+
 @dataclass(frozen=True, slots=True)
 class MqttUrl:
     """A parsed ``mqtt://user:password@host:port`` URL (``mqtts://`` for TLS)."""
@@ -84,14 +94,15 @@ class MqttUrl:
     @classmethod
     def parse(cls, url: str, *, var: str = "LMS_MQTT_URL") -> MqttUrl:
         parts = urllib.parse.urlsplit(url)
+        shown = _without_password(url)  # errors go to terminals and logs: never the password
         if parts.scheme not in ("mqtt", "mqtts", "tcp"):
-            raise SettingsError(f"{var}: scheme must be mqtt:// or mqtts://, got {url!r}")
+            raise SettingsError(f"{var}: scheme must be mqtt:// or mqtts://, got {shown!r}")
         try:
             port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         except ValueError as exc:
-            raise SettingsError(f"{var}: bad port in {url!r}") from exc
+            raise SettingsError(f"{var}: bad port in {shown!r}") from exc
         if not parts.hostname:
-            raise SettingsError(f"{var}: missing host in {url!r}")
+            raise SettingsError(f"{var}: missing host in {shown!r}")
         return cls(
             host=parts.hostname,
             port=port,

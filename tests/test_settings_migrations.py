@@ -188,3 +188,15 @@ def test_a_listed_superseded_checksum_is_accepted_and_replaced(stack: Stack, tmp
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_a_bad_broker_url_is_reported_without_its_password() -> None:
+    import pytest
+
+    from lms_core.errors import SettingsError
+    from lms_core.settings import MqttUrl
+
+    for url in ("mqtt://svc:s3cr3t-pw@host:notaport", "http://svc:s3cr3t-pw@host:1883", "mqtt://svc:s3cr3t-pw@:1883"):
+        with pytest.raises(SettingsError) as err:
+            MqttUrl.parse(url)
+        assert "s3cr3t-pw" not in str(err.value) and "svc:***@" in str(err.value), str(err.value)
