@@ -216,6 +216,7 @@ class Provisioner:
             # (its queued commands) nor show its retained status and config.
             await self.admin.forget([device_username(org, device)],
                                     [f"{self.topics.device_prefix(org, device)}/{k}" for k in ("status", "config")])
+            await self.admin.clear_retained(f"{self.topics.device_prefix(org, device)}/#")
         log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
 
     async def delete_org(self, org_id: int, org: str) -> None:
@@ -245,6 +246,10 @@ class Provisioner:
             await self.admin.forget(
                 [device_username(org, d) for d in devices] + techs,
                 [f"{self.topics.device_prefix(org, d)}/{kind}" for d in devices for kind in ("status", "config")])
+            # Whatever else is retained under the organization (a command result, reported
+            # config, telemetry retained before the broker refused it): a later organization
+            # of the same slug must not be handed any of it.
+            await self.admin.clear_retained(f"{self.topics.root}/{org}/#")
         log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
 
     async def reconcile(self) -> dict[str, int]:
