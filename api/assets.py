@@ -10,7 +10,6 @@ import asyncpg
 import msgspec
 from litestar import Controller, delete, get, post, put
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
@@ -18,7 +17,7 @@ from msgspec import Meta
 from api.access import Access, org_guard, provide_org
 from api.deps import Req
 from api.devices import _COLUMNS, Device, _device, _properties
-from lms_core.errors import AlreadyExists
+from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme
 
 Slug = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
@@ -50,7 +49,7 @@ class AssetsController(Controller):
         asset_id = await request.app.state.pool.fetchval(
             "SELECT id FROM assets WHERE org_id = $1 AND slug = $2", access.org_id, asset)
         if asset_id is None:
-            raise NotFoundException(f"asset {asset!r} not found")
+            raise NotFound(f"asset {asset!r} not found")
         return int(asset_id)
 
     async def _list(self, request: Req, access: Access, asset: str | None = None) -> list[Asset]:
@@ -80,7 +79,7 @@ class AssetsController(Controller):
     async def get_asset(self, request: Req, access: Access, asset: FromPath[str]) -> Asset:
         found = await self._list(request, access, asset)
         if not found:
-            raise NotFoundException(f"asset {asset!r} not found")
+            raise NotFound(f"asset {asset!r} not found")
         return found[0]
 
     @delete("/{asset:str}", opt={"perm": "devices.write"}, status_code=HTTP_204_NO_CONTENT)
@@ -105,7 +104,7 @@ class AssetsController(Controller):
         dev_id = await request.app.state.pool.fetchval(
             "SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
         if dev_id is None:
-            raise NotFoundException(f"device {device!r} not found")
+            raise NotFound(f"device {device!r} not found")
         await request.app.state.pool.execute(
             "INSERT INTO device_assets (asset_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", asset_id, dev_id)
 
@@ -116,4 +115,4 @@ class AssetsController(Controller):
             """DELETE FROM device_assets da USING devices d WHERE da.device_id = d.id AND da.asset_id = $1
                AND d.org_id = $2 AND d.slug = $3 RETURNING da.device_id""", asset_id, access.org_id, device)
         if done is None:
-            raise NotFoundException(f"device {device!r} is not attached to {asset!r}")
+            raise NotFound(f"device {device!r} is not attached to {asset!r}")

@@ -22,7 +22,6 @@ import asyncpg
 import msgspec
 from litestar import Controller, get
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException, TooManyRequestsException
 from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
@@ -31,7 +30,8 @@ from litestar.types import Message, Receive, Scope, Send
 from api.access import Access, org_guard, provide_org
 from api.deps import BIGINT_MAX, Req
 from api.inputs import unstorable
-from lms_core.errors import InvalidInput
+from api.services.errors import RateLimited
+from lms_core.errors import InvalidInput, NotFound
 
 log = logging.getLogger("lms.api")
 
@@ -187,7 +187,7 @@ class DataController(Controller):
         dev_id = await request.app.state.pool.fetchval(
             "SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
         if dev_id is None:
-            raise NotFoundException(f"device {device!r} not found")
+            raise NotFound(f"device {device!r} not found")
         return int(dev_id)
 
     @get("/devices/{device:str}/readings", opt={"perm": "data.read"})
@@ -275,8 +275,7 @@ class DataController(Controller):
         slots: ExportSlots = request.app.state.export_slots
         user = access.principal.user_id
         if not slots.take(user):
-            raise TooManyRequestsException("too many exports at once; try again when one has finished",
-                                           headers={"Retry-After": str(EXPORT_RETRY_AFTER_S)})
+            raise RateLimited(EXPORT_RETRY_AFTER_S, "too many exports at once; try again when one has finished")
         try:
             # The query runs and its first rows arrive before any header is sent, so an
             # error up to here is an ordinary JSON answer, not a cut connection.

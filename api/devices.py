@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, delete, get, patch, post
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
@@ -20,7 +19,7 @@ from api.access import Access, org_guard, provide_org
 from api.auth.service import audit
 from api.deps import Req, client_address, request_id
 from lms_core.broker import BrokerAdmin
-from lms_core.errors import InvalidInput
+from lms_core.errors import InvalidInput, NotFound
 from lms_core.provisioning import DeviceCredentials, Provisioner
 from lms_core.topics import TopicScheme
 
@@ -101,7 +100,7 @@ class DevicesController(Controller):
         r = await request.app.state.pool.fetchrow(
             f"SELECT {_COLUMNS} FROM devices d WHERE d.org_id = $1 AND d.slug = $2", access.org_id, device)
         if r is None:
-            raise NotFoundException(f"device {device!r} not found")
+            raise NotFound(f"device {device!r} not found")
         return _device(r, TopicScheme(request.app.state.settings.topic_root), access.slug)
 
     @get("/", opt={"perm": "devices.read"})
@@ -146,7 +145,7 @@ class DevicesController(Controller):
             access.org_id, device, data.name,
             _properties(data.properties) if data.properties is not None else None, data.tags)
         if found is None:
-            raise NotFoundException(f"device {device!r} not found")
+            raise NotFound(f"device {device!r} not found")
         return await self._get(request, access, device)
 
     async def _set_enabled(self, request: Req, access: Access, device: FromPath[str],

@@ -8,7 +8,6 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, delete, get, post
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException, PermissionDeniedException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
@@ -16,6 +15,8 @@ from msgspec import Meta
 from api.access import Access, org_guard, provide_org
 from api.auth.service import audit, new_api_key
 from api.deps import Id, Req, client_address, request_id
+from api.services.errors import Forbidden
+from lms_core.errors import NotFound
 
 Role = Annotated[str, Meta(pattern=r"^(owner|admin|operator|viewer|technician)$")]
 
@@ -52,9 +53,9 @@ class ApiKeysController(Controller):
     async def create(self, request: Req, access: Access, data: JSONBody[KeyCreate]) -> ApiKeyCreated:
         """Create a key acting in this organization with ``role``; the key is shown only now."""
         if data.role == "owner" and access.role not in ("owner", "superuser"):
-            raise PermissionDeniedException("only an owner may create an owner key")
+            raise Forbidden("only an owner may create an owner key")
         if access.principal.key_id is not None:
-            raise PermissionDeniedException("an API key cannot create API keys")
+            raise Forbidden("an API key cannot create API keys")
         key, prefix, hashed = new_api_key()
         pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():
@@ -83,6 +84,6 @@ class ApiKeysController(Controller):
                 """UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND org_id = $2 AND revoked_at IS NULL
                    RETURNING prefix""", key_id, access.org_id)
             if prefix is None:
-                raise NotFoundException("no such active key")
+                raise NotFound("no such active key")
             await audit(conn, "api_key.revoked", actor=access.principal.user_id, org_id=access.org_id,
                         target=prefix, address=client_address(request), request_id=request_id(request))

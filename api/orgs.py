@@ -9,7 +9,6 @@ import asyncpg
 import msgspec
 from litestar import Controller, delete, get, post, put
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException, PermissionDeniedException
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
@@ -18,7 +17,8 @@ from api.access import Access, org_guard, provide_org
 from api.auth.service import audit
 from api.deps import Me, Req, client_address, provide_principal, provide_user_session, request_id
 from api.devices import provisioner
-from lms_core.errors import AlreadyExists
+from api.services.errors import Forbidden
+from lms_core.errors import AlreadyExists, NotFound
 
 Slug = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", examples=[])]
 Role = Annotated[str, Meta(pattern=r"^(owner|admin|operator|viewer|technician)$")]
@@ -112,16 +112,16 @@ class OrgController(Controller):
                          data: JSONBody[MemberSet]) -> Member:
         """Add a user (by email) to the organization or change their role."""
         if data.role == "owner" and access.role not in ("owner", "superuser"):
-            raise PermissionDeniedException("only an owner may make an owner")
+            raise Forbidden("only an owner may make an owner")
         pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():
             user = await conn.fetchrow("SELECT id, email FROM users WHERE lower(email) = lower($1)", email)
             if user is None:
-                raise NotFoundException(f"no user {email!r}")
+                raise NotFound(f"no user {email!r}")
             before = await conn.fetchval("SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
                                          access.org_id, user["id"])
             if before == "owner" and access.role not in ("owner", "superuser"):
-                raise PermissionDeniedException("only an owner may change an owner's role")
+                raise Forbidden("only an owner may change an owner's role")
             await conn.execute(
                 """INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)
                    ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role""",
@@ -141,9 +141,9 @@ class OrgController(Controller):
                    WHERE m.user_id = u.id AND m.org_id = $1 AND lower(u.email) = lower($2)
                    RETURNING m.role""", access.org_id, email)
             if row is None:
-                raise NotFoundException(f"{email!r} is not a member")
+                raise NotFound(f"{email!r} is not a member")
             if row["role"] == "owner" and access.role not in ("owner", "superuser"):
-                raise PermissionDeniedException("only an owner may remove an owner")
+                raise Forbidden("only an owner may remove an owner")
             await _keep_an_owner(conn, access.org_id)
             await audit(conn, "member.removed", actor=access.principal.user_id, org_id=access.org_id,
                         target=email, detail={"role": row["role"]}, address=client_address(request),
@@ -153,4 +153,4 @@ class OrgController(Controller):
 async def _keep_an_owner(conn: asyncpg.Connection, org_id: int) -> None:
     if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM memberships WHERE org_id = $1 AND role = 'owner')",
                                org_id):
-        raise PermissionDeniedException("an organization keeps at least one owner")
+        raise Forbidden("an organization keeps at least one owner")

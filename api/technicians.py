@@ -11,7 +11,6 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, delete, get, post
 from litestar.di import Provide
-from litestar.exceptions import NotFoundException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
@@ -20,6 +19,7 @@ from api.access import Access, org_guard, provide_org
 from api.auth.service import audit
 from api.deps import Id, Req, client_address, request_id
 from api.devices import provisioner
+from lms_core.errors import NotFound
 from lms_core.settings import MqttUrl
 
 log = logging.getLogger("lms.api.technicians")
@@ -89,7 +89,7 @@ class TechniciansController(Controller):
         """Revoke: the login is removed from the broker and its sessions are disconnected."""
         async with provisioner(request) as prov:
             if not await prov.revoke_technician(access.org_id, credential_id):
-                raise NotFoundException("no such active credential")
+                raise NotFound("no such active credential")
         await audit(request.app.state.pool, "mqtt_credential.revoked", actor=access.principal.user_id,
                     org_id=access.org_id, target=str(credential_id), address=client_address(request),
                     request_id=request_id(request))

@@ -9,12 +9,10 @@ import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.di import Provide
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, TooManyRequestsException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.auth.service import InvalidCredentials, RegistrationClosed, TooManyAttempts
 from api.deps import (
     CSRF_COOKIE,
     SESSION_COOKIE,
@@ -27,7 +25,6 @@ from api.deps import (
     provide_user_session,
     request_id,
 )
-from api.errors import error_response
 
 #: users.email allows 254 characters (RFC 5321's limit); longer is a 422 here, not a 500 there.
 Email = Annotated[str, Meta(max_length=254)]
@@ -72,13 +69,8 @@ class AuthController(Controller):
     async def register(self, request: Req, data: JSONBody[Credentials], auth: Auth) -> User:
         """Create an account (if self-service registration is on: LMS_API_REGISTRATION),
         at most LMS_API_REGISTRATION_MAX_PER_ADDRESS per client address and window."""
-        try:
-            user_id = await auth.register(data.email, data.password, address=client_address(request),
-                                          request_id=request_id(request))
-        except RegistrationClosed as exc:
-            raise PermissionDeniedException(str(exc)) from None
-        except TooManyAttempts as exc:
-            raise TooManyRequestsException(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        user_id = await auth.register(data.email, data.password, address=client_address(request),
+                                      request_id=request_id(request))
         return User(id=user_id, email=data.email.strip(), is_superuser=False)
 
     @post("/login", status_code=200)
@@ -87,13 +79,8 @@ class AuthController(Controller):
         """Exchange email and password for an access token, also set as an HTTP-only cookie.
 
         ``remember``: the token and cookie last 30 days instead of 1 hour."""
-        try:
-            token, claims, user = await auth.login(data.email, data.password, remember=data.remember,
-                                                   address=client_address(request), request_id=request_id(request))
-        except TooManyAttempts as exc:
-            return error_response(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
-        except InvalidCredentials as exc:
-            raise NotAuthorizedException(str(exc)) from None
+        token, claims, user = await auth.login(data.email, data.password, remember=data.remember,
+                                               address=client_address(request), request_id=request_id(request))
         csrf = auth.csrf_token(claims.jti)
         ttl = claims.expires_at - int(time.time())
         secure = auth.settings.cookie_secure or request.url.scheme == "https"
@@ -125,8 +112,5 @@ class AuthController(Controller):
     async def change_password(self, request: Req, data: JSONBody[PasswordChange], me: Me,
                               auth: Auth) -> None:
         """Change the password; every token issued before (all sessions) stops working."""
-        try:
-            await auth.change_password(me, data.current_password, data.new_password,
-                                       address=client_address(request), request_id=request_id(request))
-        except InvalidCredentials as exc:
-            raise PermissionDeniedException(str(exc)) from None
+        await auth.change_password(me, data.current_password, data.new_password,
+                                   address=client_address(request), request_id=request_id(request))

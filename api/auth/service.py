@@ -36,6 +36,7 @@ from typing import Any
 import asyncpg
 
 from api.auth import passwords, tokens
+from api.services.errors import InvalidCredentials, RegistrationClosed, TooManyAttempts, WrongPassword
 from lms_core.errors import AlreadyExists, InvalidInput, LmsError
 from lms_core.settings import ApiSettings
 
@@ -44,20 +45,6 @@ log = logging.getLogger("lms.api.auth")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s.]{2,63}")
 MIN_PASSWORD = 10
 MAX_PASSWORD = 256
-
-
-class InvalidCredentials(LmsError):
-    pass
-
-
-class TooManyAttempts(LmsError):
-    def __init__(self, retry_after: int, message: str = "too many failed logins; try again later") -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RegistrationClosed(LmsError):
-    pass
 
 
 #: Advisory-lock namespaces (the first key of pg_advisory_xact_lock(int, int)). Every login
@@ -312,7 +299,7 @@ class AuthService:
         check_password(new)
         stored = await self.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", p.user_id)
         if not await passwords.verify_password(stored, current):
-            raise InvalidCredentials("the current password is wrong")
+            raise WrongPassword("the current password is wrong")
         hashed = await passwords.hash_password(new)
         async with self.pool.acquire() as conn, conn.transaction():
             # A new token version revokes every token issued before, on every device.
