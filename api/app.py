@@ -10,6 +10,7 @@ from typing import Any
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
+from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from api.access import check_routes
@@ -17,6 +18,7 @@ from api.assets import AssetsController
 from api.auth.routes import AuthController
 from api.auth.service import AuthService, retention_sweeper
 from api.data import DataController, ExportSlots
+from api.deps import provide_audit
 from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.inputs import input_guard_middleware
@@ -64,6 +66,7 @@ def create_app(settings: Settings) -> Litestar:
                         TechniciansController, ApiKeysController,
                         AssetsController, health, ready, metrics],
         lifespan=[lifespan],
+        dependencies={"audit": Provide(provide_audit)},
         middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES)],
         exception_handlers=HANDLERS,
         cors_config=CORSConfig(allow_origins=list(settings.api.cors_origins), allow_credentials=True)

@@ -13,10 +13,12 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.params import PathParameter
 
 from api.auth.service import AuthService, Principal
+from api.services.audit import Audit
 
 Req = Request[Any, Any, Any]
 Me = NamedDependency[Principal]
 Auth = NamedDependency[AuthService]
+AuditLog = NamedDependency[Audit]
 
 #: Ids are PostgreSQL bigints; a larger number is a 422, not an overflow deep down.
 BIGINT_MAX = 2**63 - 1
@@ -52,6 +54,11 @@ def _is_trusted(address: str, networks: list[ipaddress.IPv4Network | ipaddress.I
 
 def request_id(request: Request[Any, Any, Any]) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
+
+
+async def provide_audit(request: Request[Any, Any, Any]) -> Audit:
+    """The client's address and the request id, for the audit rows this request writes."""
+    return Audit(address=client_address(request), request_id=request_id(request))
 
 
 async def provide_auth(request: Request[Any, Any, Any]) -> AuthService:

@@ -16,8 +16,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
-from api.auth.service import audit
-from api.deps import Req, client_address, request_id
+from api.deps import AuditLog, Req
 from lms_core.broker import BrokerAdmin
 from lms_core.errors import InvalidInput, NotFound
 from lms_core.provisioning import DeviceCredentials, Provisioner
@@ -120,14 +119,14 @@ class DevicesController(Controller):
 
     @post("/", opt={"perm": "devices.write"}, status_code=HTTP_201_CREATED)
     async def create_device(self, request: Req, access: Access,
-                            data: JSONBody[DeviceCreate]) -> DeviceCreated:
+                            data: JSONBody[DeviceCreate], audit: AuditLog) -> DeviceCreated:
         """Create a device; its MQTT credentials are in the answer, and only there."""
         props = _properties(data.properties)
         async with provisioner(request) as prov:
             creds = await prov.create_device(access.slug, data.slug, data.name, properties=props, tags=data.tags,
-                                             create_org=False)
-        await audit(request.app.state.pool, "device.created", actor=access.principal.user_id, org_id=access.org_id,
-                    target=data.slug, address=client_address(request), request_id=request_id(request))
+                                             create_org=False, record=audit.record(
+                                                 "device.created", actor=access.principal.user_id,
+                                                 org_id=access.org_id))
         return DeviceCreated(device=await self._get(request, access, data.slug), credentials=creds)
 
     @get("/{device:str}", opt={"perm": "devices.read"})
@@ -149,42 +148,37 @@ class DevicesController(Controller):
         return await self._get(request, access, device)
 
     async def _set_enabled(self, request: Req, access: Access, device: FromPath[str],
-                           enabled: bool) -> Device:
+                           enabled: bool, audit: AuditLog) -> Device:
         await self._get(request, access, device)
         async with provisioner(request) as prov:
-            await prov.set_enabled(access.slug, device, enabled)
-        await audit(request.app.state.pool, "device.enabled" if enabled else "device.disabled",
-                    actor=access.principal.user_id, org_id=access.org_id, target=device,
-                    address=client_address(request), request_id=request_id(request))
+            await prov.set_enabled(access.slug, device, enabled, record=audit.record(
+                "device.enabled" if enabled else "device.disabled", actor=access.principal.user_id,
+                org_id=access.org_id))
         return await self._get(request, access, device)
 
     @post("/{device:str}/disable", opt={"perm": "devices.write"}, status_code=200)
-    async def disable(self, request: Req, access: Access, device: FromPath[str]) -> Device:
+    async def disable(self, request: Req, access: Access, device: FromPath[str], audit: AuditLog) -> Device:
         """Disable the device: the broker disconnects it and refuses it until enabled."""
-        return await self._set_enabled(request, access, device, False)
+        return await self._set_enabled(request, access, device, False, audit)
 
     @post("/{device:str}/enable", opt={"perm": "devices.write"}, status_code=200)
-    async def enable(self, request: Req, access: Access, device: FromPath[str]) -> Device:
-        return await self._set_enabled(request, access, device, True)
+    async def enable(self, request: Req, access: Access, device: FromPath[str], audit: AuditLog) -> Device:
+        return await self._set_enabled(request, access, device, True, audit)
 
     @post("/{device:str}/credentials", opt={"perm": "devices.write"}, status_code=200)
-    async def rotate(self, request: Req, access: Access, device: FromPath[str]) -> DeviceCredentials:
+    async def rotate(self, request: Req, access: Access, device: FromPath[str], audit: AuditLog) -> DeviceCredentials:
         """New MQTT password (shown only now); the old one stops working."""
         await self._get(request, access, device)
         async with provisioner(request) as prov:
-            creds = await prov.rotate_credentials(access.slug, device)
-        await audit(request.app.state.pool, "device.credentials_rotated", actor=access.principal.user_id,
-                    org_id=access.org_id, target=device, address=client_address(request),
-                    request_id=request_id(request))
+            creds = await prov.rotate_credentials(access.slug, device, record=audit.record(
+                "device.credentials_rotated", actor=access.principal.user_id, org_id=access.org_id))
         return creds
 
     @delete("/{device:str}", opt={"perm": "devices.write"}, status_code=HTTP_204_NO_CONTENT)
     async def delete_device(self, request: Req, access: Access, device: FromPath[str],
-                            purge: FromQuery[bool] = False) -> None:
+                            audit: AuditLog, purge: FromQuery[bool] = False) -> None:
         """Delete the device and its broker credentials; ``purge=true`` deletes its data too."""
         await self._get(request, access, device)
         async with provisioner(request) as prov:
-            await prov.delete_device(access.slug, device, purge=purge)
-        await audit(request.app.state.pool, "device.deleted", actor=access.principal.user_id, org_id=access.org_id,
-                    target=device, detail={"purge": purge}, address=client_address(request),
-                    request_id=request_id(request))
+            await prov.delete_device(access.slug, device, purge=purge, record=audit.record(
+                "device.deleted", actor=access.principal.user_id, org_id=access.org_id, detail={"purge": purge}))

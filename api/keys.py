@@ -13,8 +13,8 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
-from api.auth.service import audit, new_api_key
-from api.deps import Id, Req, client_address, request_id
+from api.auth.service import new_api_key
+from api.deps import AuditLog, Id, Req
 from api.services.errors import Forbidden
 from lms_core.errors import NotFound
 
@@ -50,7 +50,7 @@ class ApiKeysController(Controller):
     dependencies = {"access": Provide(provide_org)}
 
     @post("/", opt={"perm": "members.manage"}, status_code=HTTP_201_CREATED)
-    async def create(self, request: Req, access: Access, data: JSONBody[KeyCreate]) -> ApiKeyCreated:
+    async def create(self, request: Req, access: Access, data: JSONBody[KeyCreate], audit: AuditLog) -> ApiKeyCreated:
         """Create a key acting in this organization with ``role``; the key is shown only now."""
         if data.role == "owner" and access.role not in ("owner", "superuser"):
             raise Forbidden("only an owner may create an owner key")
@@ -63,9 +63,8 @@ class ApiKeysController(Controller):
                 """INSERT INTO api_keys (org_id, user_id, name, role, prefix, key_hash)
                    VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
                 access.org_id, access.principal.user_id, data.name, data.role, prefix, hashed)
-            await audit(conn, "api_key.created", actor=access.principal.user_id, org_id=access.org_id,
-                        target=f"{data.name} ({prefix})", detail={"role": data.role},
-                        address=client_address(request), request_id=request_id(request))
+            await audit.write(conn, "api_key.created", actor=access.principal.user_id, org_id=access.org_id,
+                              target=f"{data.name} ({prefix})", detail={"role": data.role})
         return ApiKeyCreated(id=key_id, name=data.name, role=data.role, key=key)
 
     @get("/", opt={"perm": "members.manage"})
@@ -76,7 +75,7 @@ class ApiKeysController(Controller):
         return [ApiKey(**dict(r)) for r in rows]
 
     @delete("/{key_id:int}", opt={"perm": "members.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def revoke(self, request: Req, access: Access, key_id: Id) -> None:
+    async def revoke(self, request: Req, access: Access, key_id: Id, audit: AuditLog) -> None:
         """Revoke a key: it stops working at once."""
         pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():
@@ -85,5 +84,5 @@ class ApiKeysController(Controller):
                    RETURNING prefix""", key_id, access.org_id)
             if prefix is None:
                 raise NotFound("no such active key")
-            await audit(conn, "api_key.revoked", actor=access.principal.user_id, org_id=access.org_id,
-                        target=prefix, address=client_address(request), request_id=request_id(request))
+            await audit.write(conn, "api_key.revoked", actor=access.principal.user_id, org_id=access.org_id,
+                              target=prefix)

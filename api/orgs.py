@@ -14,8 +14,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
-from api.auth.service import audit
-from api.deps import Me, Req, client_address, provide_principal, provide_user_session, request_id
+from api.deps import AuditLog, Me, Req, provide_principal, provide_user_session
 from api.devices import provisioner
 from api.services.errors import Forbidden
 from lms_core.errors import AlreadyExists, NotFound
@@ -51,7 +50,7 @@ class OrgsController(Controller):
     tags = ["organizations"]
 
     @post("/", status_code=HTTP_201_CREATED, dependencies={"me": Provide(provide_user_session)})
-    async def create(self, request: Req, data: JSONBody[OrgCreate], me: Me) -> Org:
+    async def create(self, request: Req, data: JSONBody[OrgCreate], me: Me, audit: AuditLog) -> Org:
         """Create an organization; the caller becomes its owner."""
         pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():
@@ -63,8 +62,7 @@ class OrgsController(Controller):
                 raise AlreadyExists(f"organization {data.slug!r} exists") from None
             await conn.execute("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')",
                                row["id"], me.user_id)
-            await audit(conn, "org.created", actor=me.user_id, org_id=row["id"], target=data.slug,
-                        address=client_address(request), request_id=request_id(request))
+            await audit.write(conn, "org.created", actor=me.user_id, org_id=row["id"], target=data.slug)
         return Org(slug=data.slug, name=data.name or data.slug, role="owner", created_at=row["created_at"])
 
     @get("/", dependencies={"me": Provide(provide_principal)})
@@ -92,13 +90,12 @@ class OrgController(Controller):
         return Org(slug=r["slug"], name=r["name"], role=access.role, created_at=r["created_at"])
 
     @delete("/", opt={"perm": "org.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def delete_org(self, request: Req, access: Access) -> None:
+    async def delete_org(self, request: Req, access: Access, audit: AuditLog) -> None:
         """Delete the organization with its devices, members and data. Every broker login of
         it (devices, technicians) is removed and disconnected before the answer."""
         async with provisioner(request) as prov:
-            await prov.delete_org(access.org_id, access.slug)
-        await audit(request.app.state.pool, "org.deleted", actor=access.principal.user_id, target=access.slug,
-                    address=client_address(request), request_id=request_id(request))
+            await prov.delete_org(access.org_id, access.slug,
+                                  record=audit.record("org.deleted", actor=access.principal.user_id))
 
     @get("/members", opt={"perm": "org.read"})
     async def members(self, request: Req, access: Access) -> list[Member]:
@@ -109,7 +106,7 @@ class OrgController(Controller):
 
     @put("/members/{email:str}", opt={"perm": "members.manage"})
     async def set_member(self, request: Req, access: Access, email: FromPath[str],
-                         data: JSONBody[MemberSet]) -> Member:
+                         data: JSONBody[MemberSet], audit: AuditLog) -> Member:
         """Add a user (by email) to the organization or change their role."""
         if data.role == "owner" and access.role not in ("owner", "superuser"):
             raise Forbidden("only an owner may make an owner")
@@ -127,13 +124,12 @@ class OrgController(Controller):
                    ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role""",
                 access.org_id, user["id"], data.role)
             await _keep_an_owner(conn, access.org_id)
-            await audit(conn, "member.role_changed", actor=access.principal.user_id, org_id=access.org_id,
-                        target=user["email"], detail={"from": before, "to": data.role},
-                        address=client_address(request), request_id=request_id(request))
+            await audit.write(conn, "member.role_changed", actor=access.principal.user_id, org_id=access.org_id,
+                              target=user["email"], detail={"from": before, "to": data.role})
         return Member(user_id=user["id"], email=user["email"], role=data.role)
 
     @delete("/members/{email:str}", opt={"perm": "members.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def remove_member(self, request: Req, access: Access, email: FromPath[str]) -> None:
+    async def remove_member(self, request: Req, access: Access, email: FromPath[str], audit: AuditLog) -> None:
         pool = request.app.state.pool
         async with pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -145,9 +141,8 @@ class OrgController(Controller):
             if row["role"] == "owner" and access.role not in ("owner", "superuser"):
                 raise Forbidden("only an owner may remove an owner")
             await _keep_an_owner(conn, access.org_id)
-            await audit(conn, "member.removed", actor=access.principal.user_id, org_id=access.org_id,
-                        target=email, detail={"role": row["role"]}, address=client_address(request),
-                        request_id=request_id(request))
+            await audit.write(conn, "member.removed", actor=access.principal.user_id, org_id=access.org_id,
+                              target=email, detail={"role": row["role"]})
 
 
 async def _keep_an_owner(conn: asyncpg.Connection, org_id: int) -> None:

@@ -16,8 +16,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
 from api.access import Access, org_guard, provide_org
-from api.auth.service import audit
-from api.deps import Id, Req, client_address, request_id
+from api.deps import AuditLog, Id, Req
 from api.devices import provisioner
 from lms_core.errors import NotFound
 from lms_core.settings import MqttUrl
@@ -58,17 +57,17 @@ class TechniciansController(Controller):
     dependencies = {"access": Provide(provide_org)}
 
     @post("/", opt={"perm": "mqtt_credentials.manage"}, status_code=HTTP_201_CREATED)
-    async def create(self, request: Req, access: Access, data: JSONBody[TechnicianCreate]) -> TechnicianCreated:
+    async def create(self, request: Req, access: Access, data: JSONBody[TechnicianCreate],
+                     audit: AuditLog) -> TechnicianCreated:
         """A broker login that may subscribe to ``{root}/{org}/#`` and nothing else, and never
         publish; it stops working at ``expires_at`` or when revoked. The password is shown once."""
         settings = request.app.state.settings
         expires = datetime.now(UTC) + timedelta(hours=data.expires_in_hours)
         async with provisioner(request) as prov:
             cred_id, username, password = await prov.create_technician(
-                access.org_id, access.slug, data.label, expires, access.principal.user_id)
-        await audit(request.app.state.pool, "mqtt_credential.created", actor=access.principal.user_id,
-                    org_id=access.org_id, target=username, detail={"expires_at": expires.isoformat()},
-                    address=client_address(request), request_id=request_id(request))
+                access.org_id, access.slug, data.label, expires, access.principal.user_id,
+                record=audit.record("mqtt_credential.created", actor=access.principal.user_id, org_id=access.org_id,
+                                    detail={"expires_at": expires.isoformat()}))
         url = MqttUrl.parse(settings.device_mqtt_url)
         topic = f"{settings.topic_root}/{access.slug}/#"
         # The login's client id is pinned to its username (lms_core/broker.py): -i is required.
@@ -85,14 +84,12 @@ class TechniciansController(Controller):
         return [TechnicianCredential(**dict(r)) for r in rows]
 
     @delete("/{credential_id:int}", opt={"perm": "mqtt_credentials.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def revoke(self, request: Req, access: Access, credential_id: Id) -> None:
+    async def revoke(self, request: Req, access: Access, credential_id: Id, audit: AuditLog) -> None:
         """Revoke: the login is removed from the broker and its sessions are disconnected."""
         async with provisioner(request) as prov:
-            if not await prov.revoke_technician(access.org_id, credential_id):
+            if not await prov.revoke_technician(access.org_id, credential_id, record=audit.record(
+                    "mqtt_credential.revoked", actor=access.principal.user_id, org_id=access.org_id)):
                 raise NotFound("no such active credential")
-        await audit(request.app.state.pool, "mqtt_credential.revoked", actor=access.principal.user_id,
-                    org_id=access.org_id, target=str(credential_id), address=client_address(request),
-                    request_id=request_id(request))
 
 
 async def expiry_sweeper(app: Any) -> None:

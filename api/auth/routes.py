@@ -16,14 +16,13 @@ from msgspec import Meta
 from api.deps import (
     CSRF_COOKIE,
     SESSION_COOKIE,
+    AuditLog,
     Auth,
     Me,
     Req,
-    client_address,
     provide_auth,
     provide_principal,
     provide_user_session,
-    request_id,
 )
 
 #: users.email allows 254 characters (RFC 5321's limit); longer is a 422 here, not a 500 there.
@@ -66,21 +65,19 @@ class AuthController(Controller):
     dependencies = {"auth": Provide(provide_auth)}
 
     @post("/register", status_code=HTTP_201_CREATED)
-    async def register(self, request: Req, data: JSONBody[Credentials], auth: Auth) -> User:
+    async def register(self, data: JSONBody[Credentials], auth: Auth, audit: AuditLog) -> User:
         """Create an account (if self-service registration is on: LMS_API_REGISTRATION),
         at most LMS_API_REGISTRATION_MAX_PER_ADDRESS per client address and window."""
-        user_id = await auth.register(data.email, data.password, address=client_address(request),
-                                      request_id=request_id(request))
+        user_id = await auth.register(data.email, data.password, audit=audit)
         return User(id=user_id, email=data.email.strip(), is_superuser=False)
 
     @post("/login", status_code=200)
-    async def login(self, request: Req, data: JSONBody[LoginRequest],
-                    auth: Auth) -> Response[Any]:
+    async def login(self, request: Req, data: JSONBody[LoginRequest], auth: Auth,
+                    audit: AuditLog) -> Response[Any]:
         """Exchange email and password for an access token, also set as an HTTP-only cookie.
 
         ``remember``: the token and cookie last 30 days instead of 1 hour."""
-        token, claims, user = await auth.login(data.email, data.password, remember=data.remember,
-                                               address=client_address(request), request_id=request_id(request))
+        token, claims, user = await auth.login(data.email, data.password, remember=data.remember, audit=audit)
         csrf = auth.csrf_token(claims.jti)
         ttl = claims.expires_at - int(time.time())
         secure = auth.settings.cookie_secure or request.url.scheme == "https"
@@ -95,9 +92,9 @@ class AuthController(Controller):
         return Response(body, cookies=cookies)
 
     @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)})
-    async def logout(self, request: Req, me: Me, auth: Auth) -> Response[None]:
+    async def logout(self, me: Me, auth: Auth, audit: AuditLog) -> Response[None]:
         """Revoke the token used for this request and clear the cookies."""
-        await auth.logout(me, address=client_address(request), request_id=request_id(request))
+        await auth.logout(me, audit=audit)
         return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[
             Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/", httponly=True, samesite="lax"),
             Cookie(key=CSRF_COOKIE, value="", max_age=0, path="/", samesite="lax"),
@@ -109,8 +106,7 @@ class AuthController(Controller):
         return User(id=me.user_id, email=me.email, is_superuser=me.is_superuser)
 
     @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)})
-    async def change_password(self, request: Req, data: JSONBody[PasswordChange], me: Me,
-                              auth: Auth) -> None:
+    async def change_password(self, data: JSONBody[PasswordChange], me: Me, auth: Auth,
+                              audit: AuditLog) -> None:
         """Change the password; every token issued before (all sessions) stops working."""
-        await auth.change_password(me, data.current_password, data.new_password,
-                                   address=client_address(request), request_id=request_id(request))
+        await auth.change_password(me, data.current_password, data.new_password, audit=audit)
