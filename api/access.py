@@ -1,9 +1,11 @@
 """Who may do what in an organization: the role matrix, written once, and the guard that
 enforces it on every route under ``/api/v1/orgs/{org}``.
 
-A route declares the permission it needs as ``opt={"perm": "..."}``; the app refuses to
-start if an organization route declares none (``check_routes``), so a new route cannot
-ship unguarded. Callers who are not members of the organization get 404, as if it did
+Every organization route hangs on the one router of :func:`org_router`, which carries the
+guard and the ``access`` dependency. A route declares the permission it needs as
+``opt={"perm": "..."}``; the app refuses to start if an organization route declares none,
+or was registered outside that router (``check_routes``), so a new route cannot ship
+unguarded. Callers who are not members of the organization get 404, as if it did
 not exist; members without the permission get 403. Platform superusers may do anything.
 An API key acts with its role capped by its creator's current role (``key_role``) and never
 manages members or keys.
@@ -14,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router
 from litestar.connection import ASGIConnection
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotFoundException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 
@@ -107,14 +109,29 @@ async def provide_org(request: Request[Any, Any, Any]) -> OrgAccess:
     return request.scope["state"]["org_access"]  # type: ignore[no-any-return]
 
 
+ORG_PATH = "/api/v1/orgs/{org:str}"
+
+
+def org_router(*controllers: Any) -> Router:
+    """The router of every route under ``/api/v1/orgs/{org}``: the guard and the caller's
+    :class:`OrgAccess` (the ``access`` dependency) belong to it, not to each controller."""
+    return Router(path=ORG_PATH, route_handlers=list(controllers), guards=[org_guard],
+                  dependencies={"access": Provide(provide_org)})
+
+
 def check_routes(app: Litestar) -> None:
-    """Refuse to start with an organization route that declares no permission."""
+    """Refuse to start with an organization route that declares no permission or is not
+    guarded (registered outside :func:`org_router`)."""
     for route in app.routes:
         if not route.path.startswith("/api/v1/orgs/{org"):
             continue
         for handler in getattr(route, "route_handlers", []):
             if set(handler.http_methods) == {"OPTIONS"}:
                 continue  # Litestar's automatic OPTIONS answer, which reveals nothing
+            methods = ", ".join(sorted(handler.http_methods))
             if handler.opt.get("perm") not in MATRIX:
-                raise RuntimeError(f"{route.path} ({', '.join(sorted(handler.http_methods))}) declares no "
+                raise RuntimeError(f"{route.path} ({methods}) declares no "
                                    f"permission: add opt={{'perm': ...}} from api.access.MATRIX")
+            if org_guard not in handler.resolve_guards():
+                raise RuntimeError(f"{route.path} ({methods}) is not guarded: register its controller "
+                                   f"in api.access.org_router")

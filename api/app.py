@@ -13,7 +13,7 @@ from litestar.config.cors import CORSConfig
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
-from api.access import check_routes
+from api.access import check_routes, org_router
 from api.assets import AssetsController
 from api.auth.routes import AuthController
 from api.auth.service import AuthService, retention_sweeper
@@ -62,9 +62,10 @@ def create_app(settings: Settings) -> Litestar:
                         await task
 
     app = _App(
-        route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
-                        TechniciansController, ApiKeysController,
-                        AssetsController, health, ready, metrics],
+        route_handlers=[AuthController, OrgsController,
+                        org_router(OrgController, DevicesController, DataController, TechniciansController,
+                                   ApiKeysController, AssetsController),
+                        health, ready, metrics],
         lifespan=[lifespan],
         dependencies={"audit": Provide(provide_audit)},
         middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES)],

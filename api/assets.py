@@ -9,12 +9,11 @@ from typing import Annotated, Any
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, post, put
-from litestar.di import Provide
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
+from api.access import Access
 from api.deps import Req
 from api.devices import _COLUMNS, Device, _device, _properties
 from lms_core.errors import AlreadyExists, NotFound
@@ -40,10 +39,8 @@ class Asset(msgspec.Struct):
 
 
 class AssetsController(Controller):
-    path = "/api/v1/orgs/{org:str}/assets"
+    path = "/assets"
     tags = ["assets"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     async def _asset_id(self, request: Req, access: Access, asset: str) -> int:
         asset_id = await request.app.state.pool.fetchval(

@@ -21,13 +21,12 @@ from typing import Annotated, Any
 import asyncpg
 import msgspec
 from litestar import Controller, get
-from litestar.di import Provide
 from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import Message, Receive, Scope, Send
 
-from api.access import Access, org_guard, provide_org
+from api.access import Access
 from api.deps import BIGINT_MAX, Req
 from api.inputs import unstorable
 from api.services.errors import RateLimited
@@ -177,10 +176,8 @@ async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list
 
 
 class DataController(Controller):
-    path = "/api/v1/orgs/{org:str}"
+    path = "/"
     tags = ["data"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     @staticmethod
     async def _device_id(request: Req, access: Access, device: str) -> int:

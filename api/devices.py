@@ -10,12 +10,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, delete, get, patch, post
-from litestar.di import Provide
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
+from api.access import Access
 from api.deps import AuditLog, Req
 from lms_core.broker import BrokerAdmin
 from lms_core.errors import InvalidInput, NotFound
@@ -90,10 +89,8 @@ async def provisioner(request: Req) -> AsyncIterator[Provisioner]:
 
 
 class DevicesController(Controller):
-    path = "/api/v1/orgs/{org:str}/devices"
+    path = "/devices"
     tags = ["devices"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     async def _get(self, request: Req, access: Access, device: FromPath[str]) -> Device:
         r = await request.app.state.pool.fetchrow(

@@ -7,12 +7,11 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, delete, get, post
-from litestar.di import Provide
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
+from api.access import Access
 from api.auth.service import new_api_key
 from api.deps import AuditLog, Id, Req
 from api.services.errors import Forbidden
@@ -44,10 +43,8 @@ class ApiKeyCreated(msgspec.Struct):
 
 
 class ApiKeysController(Controller):
-    path = "/api/v1/orgs/{org:str}/api-keys"
+    path = "/api-keys"
     tags = ["api keys"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     @post("/", opt={"perm": "members.manage"}, status_code=HTTP_201_CREATED)
     async def create(self, request: Req, access: Access, data: JSONBody[KeyCreate], audit: AuditLog) -> ApiKeyCreated:

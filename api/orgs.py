@@ -13,7 +13,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
+from api.access import Access
 from api.deps import AuditLog, Me, Req, provide_principal, provide_user_session
 from api.devices import provisioner
 from api.services.errors import Forbidden
@@ -77,10 +77,8 @@ class OrgsController(Controller):
 
 
 class OrgController(Controller):
-    path = "/api/v1/orgs/{org:str}"
+    path = "/"
     tags = ["organizations"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     @get("/", opt={"perm": "org.read"})
     async def get_org(self, request: Req, access: Access) -> Org:

@@ -10,12 +10,11 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, delete, get, post
-from litestar.di import Provide
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
+from api.access import Access
 from api.deps import AuditLog, Id, Req
 from api.devices import provisioner
 from lms_core.errors import NotFound
@@ -51,10 +50,8 @@ class TechnicianCreated(msgspec.Struct):
 
 
 class TechniciansController(Controller):
-    path = "/api/v1/orgs/{org:str}/mqtt-credentials"
+    path = "/mqtt-credentials"
     tags = ["mqtt credentials"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     @post("/", opt={"perm": "mqtt_credentials.manage"}, status_code=HTTP_201_CREATED)
     async def create(self, request: Req, access: Access, data: JSONBody[TechnicianCreate],
