@@ -24,8 +24,7 @@ from litestar.handlers import BaseRouteHandler
 
 from api.auth.service import Principal
 from api.deps import provide_principal
-
-ROLES = ("owner", "admin", "operator", "viewer", "technician")
+from api.roles import ROLES
 
 #: permission -> roles that hold it
 MATRIX: dict[str, frozenset[str]] = {

@@ -10,21 +10,22 @@ from typing import Any
 
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
-from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from api.access import check_routes, org_router
 from api.assets import AssetsController
 from api.auth.routes import AuthController
 from api.auth.service import AuthService, retention_sweeper
-from api.data import DataController, ExportSlots
-from api.deps import provide_audit
+from api.data import DataController
+from api.deps import SERVICES
 from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.inputs import input_guard_middleware
 from api.keys import ApiKeysController
 from api.observability import ApiMetrics, connection_aborter, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
+from api.services.data import ExportSlots
+from api.services.technicians import TechnicianService
 from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
@@ -51,7 +52,8 @@ def create_app(settings: Settings) -> Litestar:
             app.state.pool = pool
             app.state.export_pool = export_pool  # streamed exports only: see api/data.py
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
-            sweeper = asyncio.create_task(expiry_sweeper(app), name="technician expiry sweep")
+            sweeper = asyncio.create_task(expiry_sweeper(TechnicianService(pool, settings)),
+                                          name="technician expiry sweep")
             retention = asyncio.create_task(retention_sweeper(app), name="retention sweep")
             try:
                 yield
@@ -67,7 +69,7 @@ def create_app(settings: Settings) -> Litestar:
                                    ApiKeysController, AssetsController),
                         health, ready, metrics],
         lifespan=[lifespan],
-        dependencies={"audit": Provide(provide_audit)},
+        dependencies=SERVICES,
         middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES)],
         exception_handlers=HANDLERS,
         cors_config=CORSConfig(allow_origins=list(settings.api.cors_origins), allow_credentials=True)

@@ -1,4 +1,7 @@
-"""Dependencies shared by the routes: the caller, the services, the client's address."""
+"""Dependencies shared by the routes: the caller, the services, the client's address.
+
+Every service is built here from the app's state (its pools and settings), per request
+(cheap: a few references); handlers receive them by name (``SERVICES``)."""
 
 from __future__ import annotations
 
@@ -8,17 +11,26 @@ from typing import Annotated, Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.di import NamedDependency
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.params import PathParameter
 
 from api.auth.service import AuthService, Principal
+from api.services.assets import AssetService
 from api.services.audit import Audit
+from api.services.data import DataService
+from api.services.devices import DeviceService
+from api.services.keys import KeyService
+from api.services.orgs import OrgService
+from api.services.technicians import TechnicianService
+from lms_core.settings import Settings
 
 Req = Request[Any, Any, Any]
 Me = NamedDependency[Principal]
 Auth = NamedDependency[AuthService]
 AuditLog = NamedDependency[Audit]
+AppSettings = NamedDependency[Settings]
 
 #: Ids are PostgreSQL bigints; a larger number is a 422, not an overflow deep down.
 BIGINT_MAX = 2**63 - 1
@@ -59,6 +71,48 @@ def request_id(request: Request[Any, Any, Any]) -> str:
 async def provide_audit(request: Request[Any, Any, Any]) -> Audit:
     """The client's address and the request id, for the audit rows this request writes."""
     return Audit(address=client_address(request), request_id=request_id(request))
+
+
+async def provide_settings(state: State) -> Settings:
+    return state.settings  # type: ignore[no-any-return]
+
+
+async def provide_orgs(state: State) -> OrgService:
+    return OrgService(state.pool, state.settings)
+
+
+async def provide_devices(state: State) -> DeviceService:
+    return DeviceService(state.pool, state.settings)
+
+
+async def provide_assets(state: State) -> AssetService:
+    return AssetService(state.pool, state.settings)
+
+
+async def provide_keys(state: State) -> KeyService:
+    return KeyService(state.pool)
+
+
+async def provide_technicians(state: State) -> TechnicianService:
+    return TechnicianService(state.pool, state.settings)
+
+
+async def provide_data(state: State) -> DataService:
+    return DataService(state.pool, state.export_pool, state.export_slots)
+
+
+#: Named as the handlers' parameters. ``data`` is Litestar's name for the request body,
+#: hence ``data_service``.
+SERVICES = {
+    "settings": Provide(provide_settings),
+    "audit": Provide(provide_audit),
+    "orgs": Provide(provide_orgs),
+    "devices": Provide(provide_devices),
+    "assets": Provide(provide_assets),
+    "keys": Provide(provide_keys),
+    "technicians": Provide(provide_technicians),
+    "data_service": Provide(provide_data),
+}
 
 
 async def provide_auth(request: Request[Any, Any, Any]) -> AuthService:

@@ -16,13 +16,14 @@ broker, so it does not lock devices out by itself.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
@@ -42,6 +43,9 @@ from lms_core.broker import (
 )
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme, check_slug
+
+if TYPE_CHECKING:
+    from lms_core.settings import Settings
 
 log = logging.getLogger("lms.provisioning")
 
@@ -81,6 +85,15 @@ class Provisioner:
     topics: TopicScheme
     secret: str
     mqtt_url: str
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Provisioner]:
+        """The one way to build a provisioner: with its own broker admin connection, opened
+        here and closed on exit (device changes are rare; a connection per change is cheap)."""
+        topics = TopicScheme(settings.topic_root)
+        async with BrokerAdmin(settings.mqtt, topics) as admin:
+            yield cls(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
 
     def _credentials(self, org: str, device: str, nonce: str) -> DeviceCredentials:
         user = device_username(org, device)
