@@ -11,9 +11,11 @@ from typing import Any
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components
 
 from api.access import check_routes, org_router
 from api.assets import AssetsController
+from api.auth.backend import SECURITY_SCHEMES, authentication
 from api.auth.routes import AuthController
 from api.auth.service import AuthService, retention_sweeper
 from api.data import DataController
@@ -70,11 +72,13 @@ def create_app(settings: Settings) -> Litestar:
                         health, ready, metrics],
         lifespan=[lifespan],
         dependencies=SERVICES,
-        middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES)],
+        # Outermost first: the request id, refusing unstorable input, then who is calling.
+        middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES), authentication],
         exception_handlers=HANDLERS,
         cors_config=CORSConfig(allow_origins=list(settings.api.cors_origins), allow_credentials=True)
         if settings.api.cors_origins else None,
-        openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema",
+                                     components=Components(security_schemes=SECURITY_SCHEMES)),
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,
         logging_config=None,  # lms_core.logs: one JSON line per record, like the bridge

@@ -20,7 +20,7 @@ class AssetsController(Controller):
 
     @get("/", opt={"perm": "devices.read"})
     async def list_assets(self, access: Access, assets: Assets) -> list[Asset]:
-        return await assets.list(access)
+        return await assets.list_assets(access)
 
     @post("/", opt={"perm": "devices.write"}, status_code=HTTP_201_CREATED)
     async def create(self, access: Access, assets: Assets, data: JSONBody[AssetCreate]) -> Asset:

@@ -29,7 +29,7 @@ class DevicesController(Controller):
         tag: Annotated[str | None, QueryParameter(max_length=64)] = None,
     ) -> list[Device]:
         """Devices of the organization, by slug; continue with ``after`` = the last slug."""
-        return await devices.list(access, limit=limit, after=after, tag=tag)
+        return await devices.list_devices(access, limit=limit, after=after, tag=tag)
 
     @post("/", opt={"perm": "devices.write"}, status_code=HTTP_201_CREATED)
     async def create_device(self, access: Access, devices: Devices, audit: AuditLog,

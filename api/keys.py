@@ -25,7 +25,7 @@ class ApiKeysController(Controller):
 
     @get("/", opt={"perm": "members.manage"})
     async def list_keys(self, access: Access, keys: Keys) -> list[ApiKey]:
-        return await keys.list(access)
+        return await keys.list_keys(access)
 
     @delete("/{key_id:int}", opt={"perm": "members.manage"}, status_code=HTTP_204_NO_CONTENT)
     async def revoke(self, access: Access, keys: Keys, audit: AuditLog, key_id: Id) -> None:

@@ -8,7 +8,8 @@ from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api.access import Access
-from api.deps import AuditLog, Me, provide_principal, provide_user_session
+from api.auth.backend import SECURITY
+from api.deps import AuditLog, Me, UserSession, provide_principal, provide_user_session
 from api.services.orgs import Member, MemberSet, Org, OrgCreate, OrgService
 
 Orgs = NamedDependency[OrgService]
@@ -17,9 +18,10 @@ Orgs = NamedDependency[OrgService]
 class OrgsController(Controller):
     path = "/api/v1/orgs"
     tags = ["organizations"]
+    security = SECURITY
 
     @post("/", status_code=HTTP_201_CREATED, dependencies={"me": Provide(provide_user_session)})
-    async def create(self, orgs: Orgs, me: Me, audit: AuditLog, data: JSONBody[OrgCreate]) -> Org:
+    async def create(self, orgs: Orgs, me: UserSession, audit: AuditLog, data: JSONBody[OrgCreate]) -> Org:
         """Create an organization; the caller becomes its owner."""
         return await orgs.create(me, data, audit)
 

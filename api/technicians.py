@@ -40,7 +40,7 @@ class TechniciansController(Controller):
 
     @get("/", opt={"perm": "mqtt_credentials.manage"})
     async def list_credentials(self, access: Access, technicians: Technicians) -> list[TechnicianCredential]:
-        return await technicians.list(access)
+        return await technicians.list_credentials(access)
 
     @delete("/{credential_id:int}", opt={"perm": "mqtt_credentials.manage"}, status_code=HTTP_204_NO_CONTENT)
     async def revoke(self, access: Access, technicians: Technicians, audit: AuditLog, credential_id: Id) -> None:

@@ -1,12 +1,15 @@
-"""The organization routes' guard is structural: a route under /api/v1/orgs/{org} that is
-not on the org router, or declares no permission, stops the app from starting."""
+"""The routes as a whole: the organization routes' guard is structural (a route under
+/api/v1/orgs/{org} that is not on the org router, or declares no permission, stops the app
+from starting), and the OpenAPI document says how each route authenticates."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from litestar import Controller, Litestar, get
 
 from api.access import check_routes, org_router
+from tests.harness import ApiProcess
 
 
 class _Stray(Controller):
@@ -45,3 +48,18 @@ def test_an_org_route_without_a_permission_refuses_to_start() -> None:
 
 def test_a_guarded_org_route_with_a_permission_starts() -> None:
     check_routes(Litestar(route_handlers=[org_router(_Fine)]))
+
+
+def test_the_openapi_document_declares_how_to_authenticate(api: ApiProcess) -> None:
+    spec = httpx.get(api.url + "/schema/openapi.json", timeout=10).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    assert schemes["session_cookie"] == {**schemes["session_cookie"], "type": "apiKey", "in": "cookie",
+                                         "name": "lms_session"}
+    assert schemes["api_key"] == {**schemes["api_key"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    anyone = [{"bearer": []}, {"session_cookie": []}, {"api_key": []}]
+    paths = spec["paths"]
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            public = path in ("/api/v1/auth/register", "/api/v1/auth/login")
+            assert op.get("security") == (None if public else anyone), (method, path)

@@ -57,22 +57,40 @@ _LOCK_WAIT_MS = 5000
 _SWEEP_CHUNK = 10_000
 
 
-@dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a user, authenticated by a token in a header or a cookie."""
+    """Whoever calls: ``request.user`` of every authenticated request (api/auth/backend.py),
+    a :class:`Session` or an :class:`ApiKeyPrincipal`.
+
+    A base class, not a ``Session | ApiKeyPrincipal`` union: Litestar validates dependencies
+    with msgspec, which takes no union of two dataclasses."""
+
+    __slots__ = ()
+    user_id: int  # the user acting (an API key's creator)
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class Session(Principal):
+    """A user, by an access token: in the Authorization header or the session cookie."""
 
     user_id: int
     email: str
     is_superuser: bool
-    via: str  # "bearer" | "cookie" | "api_key"
-    jti: str
+    jti: str  # the token's id: logout revokes it; the session's CSRF token is derived from it
     expires_at: int
-    key_id: int | None = None  # an API key: valid for one organization, with the key's role
-    key_org_id: int | None = None
-    key_role: str | None = None
-    # The key's creator's current role in that organization ("superuser" for a platform
-    # superuser): a key never does more than its creator could today (api.access).
-    key_creator_role: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyPrincipal(Principal):
+    """A script or integration, by an API key: valid for one organization, with the key's
+    role, never more than its creator may do there today (api.access)."""
+
+    key_id: int
+    user_id: int  # the key's creator: audit rows and export slots count for them
+    email: str
+    org_id: int
+    role: str
+    creator_role: str  # the creator's current role there ("superuser" for a platform superuser)
 
 
 def hash_key(secret: str) -> str:
@@ -230,7 +248,7 @@ class AuthService:
         token (or one planted by a sibling subdomain) does not match."""
         return tokens.csrf_token(self.csrf_key, jti)
 
-    async def principal(self, token: str, via: str) -> Principal | None:
+    async def principal(self, token: str) -> Session | None:
         """The caller behind a token, or None when the token is invalid, expired or revoked."""
         try:
             claims = tokens.decode(self.key, token)
@@ -244,10 +262,10 @@ class AuthService:
         )
         if row is None or row["revoked"] or row["token_version"] != claims.version:
             return None
-        return Principal(user_id=claims.user_id, email=row["email"], is_superuser=row["is_superuser"], via=via,
-                         jti=claims.jti, expires_at=claims.expires_at)
+        return Session(user_id=claims.user_id, email=row["email"], is_superuser=row["is_superuser"],
+                       jti=claims.jti, expires_at=claims.expires_at)
 
-    async def key_principal(self, key: str) -> Principal | None:
+    async def key_principal(self, key: str) -> ApiKeyPrincipal | None:
         """The caller behind an API key ``lms_<prefix>_<secret>``, or None."""
         parts = key.split("_")
         if len(parts) != 3 or parts[0] != "lms" or not parts[1] or not parts[2]:
@@ -268,11 +286,10 @@ class AuthService:
         await self.pool.execute(
             """UPDATE api_keys SET last_used_at = now() WHERE id = $1
                AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')""", row["id"])
-        return Principal(user_id=row["user_id"], email=row["email"], is_superuser=False, via="api_key", jti="",
-                         expires_at=0, key_id=row["id"], key_org_id=row["org_id"], key_role=row["role"],
-                         key_creator_role=row["creator_role"])
+        return ApiKeyPrincipal(key_id=row["id"], user_id=row["user_id"], email=row["email"], org_id=row["org_id"],
+                               role=row["role"], creator_role=row["creator_role"])
 
-    async def logout(self, p: Principal, *, audit: Audit) -> None:
+    async def logout(self, p: Session, *, audit: Audit) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, to_timestamp($2)) ON CONFLICT DO NOTHING",
@@ -281,7 +298,7 @@ class AuthService:
             await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now()")
             await audit.write(conn, "auth.logout", actor=p.user_id, target=p.email)
 
-    async def change_password(self, p: Principal, current: str, new: str, *, audit: Audit) -> None:
+    async def change_password(self, p: Session, current: str, new: str, *, audit: Audit) -> None:
         check_password(new)
         stored = await self.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", p.user_id)
         if not await passwords.verify_password(stored, current):

@@ -49,7 +49,7 @@ class AssetService:
             raise NotFound(f"asset {asset!r} not found")
         return int(asset_id)
 
-    async def list(self, access: OrgAccess, asset: str | None = None) -> list[Asset]:
+    async def list_assets(self, access: OrgAccess, asset: str | None = None) -> list[Asset]:
         rows = await self.pool.fetch(
             """SELECT a.slug, a.name, a.kind, a.properties, a.created_at,
                       (SELECT count(*) FROM device_assets da WHERE da.asset_id = a.id) AS devices
@@ -59,7 +59,7 @@ class AssetService:
                       created_at=r["created_at"], devices=r["devices"]) for r in rows]
 
     async def get(self, access: OrgAccess, asset: str) -> Asset:
-        found = await self.list(access, asset)
+        found = await self.list_assets(access, asset)
         if not found:
             raise NotFound(f"asset {asset!r} not found")
         return found[0]
@@ -71,7 +71,7 @@ class AssetService:
                 access.org_id, data.slug, data.name or data.slug, data.kind, properties_json(data.properties))
         except asyncpg.UniqueViolationError:
             raise AlreadyExists(f"asset {data.slug!r} exists") from None
-        return (await self.list(access, data.slug))[0]
+        return (await self.list_assets(access, data.slug))[0]
 
     async def delete(self, access: OrgAccess, asset: str) -> None:
         """Delete the asset; its devices stay, detached."""

@@ -91,7 +91,7 @@ class DeviceService:
             raise NotFound(f"device {device!r} not found")
         return device_from_row(r, self.topics, access.slug)
 
-    async def list(self, access: OrgAccess, *, limit: int, after: str | None, tag: str | None) -> list[Device]:
+    async def list_devices(self, access: OrgAccess, *, limit: int, after: str | None, tag: str | None) -> list[Device]:
         rows = await self.pool.fetch(
             f"""SELECT {COLUMNS} FROM devices d WHERE d.org_id = $1 AND ($2::text IS NULL OR d.slug > $2)
                 AND ($3::text IS NULL OR $3 = ANY (d.tags)) ORDER BY d.slug LIMIT $4""",

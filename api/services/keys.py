@@ -9,7 +9,7 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
-from api.auth.service import new_api_key
+from api.auth.service import ApiKeyPrincipal, new_api_key
 from api.roles import Role
 from api.services.audit import Audit
 from api.services.errors import Forbidden
@@ -48,7 +48,7 @@ class KeyService:
     async def create(self, access: OrgAccess, data: KeyCreate, audit: Audit) -> ApiKeyCreated:
         if data.role == "owner" and access.role not in ("owner", "superuser"):
             raise Forbidden("only an owner may create an owner key")
-        if access.principal.key_id is not None:
+        if isinstance(access.principal, ApiKeyPrincipal):
             raise Forbidden("an API key cannot create API keys")
         key, prefix, hashed = new_api_key()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -60,7 +60,7 @@ class KeyService:
                               target=f"{data.name} ({prefix})", detail={"role": data.role})
         return ApiKeyCreated(id=key_id, name=data.name, role=data.role, key=key)
 
-    async def list(self, access: OrgAccess) -> list[ApiKey]:
+    async def list_keys(self, access: OrgAccess) -> list[ApiKey]:
         rows = await self.pool.fetch(
             """SELECT id, name, role, prefix, created_at, last_used_at, revoked_at FROM api_keys
                WHERE org_id = $1 ORDER BY id DESC LIMIT 1000""", access.org_id)

@@ -10,7 +10,7 @@ import msgspec
 from litestar.params import FromPath
 from msgspec import Meta
 
-from api.auth.service import Principal
+from api.auth.service import Principal, Session
 from api.roles import Role
 from api.services.audit import Audit
 from api.services.errors import Forbidden
@@ -52,7 +52,7 @@ class OrgService:
         self.pool = pool
         self.settings = settings
 
-    async def create(self, me: Principal, data: OrgCreate, audit: Audit) -> Org:
+    async def create(self, me: Session, data: OrgCreate, audit: Audit) -> Org:
         """Create an organization owned by ``me``."""
         async with self.pool.acquire() as conn, conn.transaction():
             try:
@@ -71,7 +71,7 @@ class OrgService:
             """SELECT o.slug, o.name, o.created_at, coalesce(m.role, 'superuser') AS role
                FROM organizations o LEFT JOIN memberships m ON m.org_id = o.id AND m.user_id = $1
                WHERE m.user_id IS NOT NULL OR $2 ORDER BY o.slug""",
-            me.user_id, me.is_superuser)
+            me.user_id, isinstance(me, Session) and me.is_superuser)
         return [Org(slug=r["slug"], name=r["name"], role=r["role"], created_at=r["created_at"]) for r in rows]
 
     async def get(self, access: OrgAccess) -> Org:

@@ -63,7 +63,7 @@ class TechnicianService:
         return TechnicianCreated(id=cred_id, username=username, password=password, expires_at=expires,
                                  topic_filter=topic, mqtt_url=url.public(), mosquitto_sub=sub)
 
-    async def list(self, access: OrgAccess) -> list[TechnicianCredential]:
+    async def list_credentials(self, access: OrgAccess) -> list[TechnicianCredential]:
         rows = await self.pool.fetch(
             """SELECT id, username, label, created_at, expires_at, revoked_at FROM mqtt_credentials
                WHERE org_id = $1 ORDER BY id DESC LIMIT 1000""", access.org_id)
