@@ -42,7 +42,7 @@ from typing import Any
 from lms_core.errors import BrokerError
 from lms_core.mqtt import AsyncMqttClient
 from lms_core.settings import MqttUrl
-from lms_core.topics import TopicScheme
+from lms_core.topics import SLUG, TopicScheme
 
 log = logging.getLogger("lms.broker")
 
@@ -63,7 +63,7 @@ def device_rolename(org: str, device: str) -> str:
     return f"{DEVICE_ROLE_PREFIX}{org}.{device}"
 
 
-_DEVICE_USER = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}")
+_DEVICE_USER = re.compile(rf"{SLUG}\.{SLUG}")
 
 
 def is_device_client(username: str, roles: tuple[str, ...]) -> bool:

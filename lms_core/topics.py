@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 from lms_core.errors import InvalidInput
 
-SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+#: An organization's or device's slug, written once: matched here, anchored for the API's
+#: input types (``SLUG_PATTERN``), and joined into broker usernames (lms_core/broker.py).
+SLUG = r"[a-z0-9][a-z0-9_-]{0,62}"
+SLUG_PATTERN = rf"^{SLUG}$"
+SLUG_RE = re.compile(SLUG)
 
 #: Topic kinds a device publishes (device -> cloud), after ``{root}/{org}/{device}/``.
 DEVICE_PUBLISHES = ("telemetry", "status", "events", "config/reported", "commands/+/result")
