@@ -188,3 +188,22 @@ def test_a_retained_flood_does_not_grow_the_broker(plugged: Stack, unique: str) 
     assert growth_mib < 30, f"broker RSS grew {growth_mib:.0f} MiB"
     assert retained_now(s, f"lms/{unique}/#") == {}
     dev.close()
+
+
+def test_a_missing_or_stale_plugin_stops_the_broker_from_starting(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent fallback to a broker without the plugin: one line saying how to build it."""
+    from lms_cli import localstack
+    from lms_cli.localstack import Mosquitto, StackError, free_port
+
+    mq = Mosquitto(tmp_path / "mq", free_port(), "service-pw-0123456789")
+    mq.init()
+    monkeypatch.setattr(localstack, "RETAIN_PLUGIN", tmp_path / "build" / "lms_retain.so")
+    with pytest.raises(StackError, match=r"not built: run \./lms .* bash mosquitto/plugin/build\.sh$"):
+        mq.start()
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "lms_retain.so").write_bytes(b"")
+    (tmp_path / "build" / "lms_retain.sha256").write_text("0" * 64 + "\n")
+    with pytest.raises(StackError, match="older than its source"):
+        mq.start()
+    assert mq.proc is None

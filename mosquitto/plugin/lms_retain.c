@@ -25,6 +25,13 @@
  * acknowledged and dropped. The message is not delivered either: firmware never sets the
  * retain flag outside `status`, so only a misbehaving login loses anything.
  *
+ * Why refuse rather than clear the flag: in 2.0 a MOSQ_EVT_MESSAGE callback may set
+ * `retain` false and the broker then stores and delivers the message unretained, but that
+ * event runs only for PUBLISH packets (after this ACL check), never for a Will, which the
+ * broker queues directly. A Will would then be a way around it (one retained message per
+ * connection, on a new commands/<id>/result each time), and an ACL check cannot tell a
+ * Will's write from a PUBLISH's. One rule here covers both.
+ *
  * Options (plugin_opt_*):
  *   topic_root    the platform's topic root (default "lms")
  *   service_user  the username of the platform's service account (required), which
