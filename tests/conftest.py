@@ -62,6 +62,17 @@ def own_stack(tmp_root: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture
+def stack_without_retain_plugin(tmp_root: Path) -> Iterator[Stack]:
+    """A stack of its own whose broker lacks the lms_retain plugin (compose.yaml without its
+    plugin build): for what the bridge itself does about retained messages."""
+    s = Stack(tmp_root / f"own-{next(_names)}")
+    s.mq.retain_plugin = False
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
 def unique() -> str:
     """A fresh slug per test, so tests never read each other's devices."""
     return f"t{next(_names)}"
