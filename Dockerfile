@@ -1,4 +1,4 @@
-# The platform's processes (bridge, migrations, CLI; the API later) for compose.yaml.
+# The platform's processes (API, bridge, migrations, CLI) for compose.yaml.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./

@@ -1,9 +1,11 @@
 """Who may do what in an organization: the role matrix, written once, and the guard that
 enforces it on every route under ``/api/v1/orgs/{org}``.
 
-A route declares the permission it needs as ``opt={"perm": "..."}``; the app refuses to
-start if an organization route declares none (``check_routes``), so a new route cannot
-ship unguarded. Callers who are not members of the organization get 404, as if it did
+Every organization route hangs on the one router of :func:`org_router`, which carries the
+guard and the ``access`` dependency. A route declares the permission it needs as
+``opt={"perm": "..."}``; the app refuses to start if an organization route declares none,
+or was registered outside that router (``check_routes``), so a new route cannot ship
+unguarded. Callers who are not members of the organization get 404, as if it did
 not exist; members without the permission get 403. Platform superusers may do anything.
 An API key acts with its role capped by its creator's current role (``key_role``) and never
 manages members or keys.
@@ -14,16 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from litestar import Litestar, Request
+from litestar import Litestar, Request, Router
 from litestar.connection import ASGIConnection
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import NotFoundException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 
-from api.auth.service import Principal
-from api.deps import provide_principal
-
-ROLES = ("owner", "admin", "operator", "viewer", "technician")
+from api.auth.backend import SECURITY
+from api.auth.service import ApiKeyPrincipal, Principal, Session
+from api.roles import ROLES
 
 #: permission -> roles that hold it
 MATRIX: dict[str, frozenset[str]] = {
@@ -71,11 +72,12 @@ class OrgAccess:
 Access = NamedDependency[OrgAccess]
 
 
-async def org_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+async def org_guard(connection: ASGIConnection[Principal, Any, Any, Any], handler: BaseRouteHandler) -> None:
     perm = handler.opt.get("perm")
     if perm not in MATRIX:
         raise PermissionDeniedException("route has no permission declared")  # check_routes prevents this
-    principal = await provide_principal(connection)
+    principal = connection.user  # authenticated by api/auth/backend.py, which runs first
+    key = principal if isinstance(principal, ApiKeyPrincipal) else None
     slug = connection.path_params.get("org", "")
     row = await connection.app.state.pool.fetchrow(
         """SELECT o.id, m.role FROM organizations o
@@ -84,20 +86,21 @@ async def org_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: Bas
         slug, principal.user_id,
     )
     # A key's creator was found a member (or superuser) when the key was read.
-    if row is None or (row["role"] is None and not principal.is_superuser and principal.key_id is None):
+    superuser = isinstance(principal, Session) and principal.is_superuser
+    if row is None or (row["role"] is None and key is None and not superuser):
         raise NotFoundException(f"organization {slug!r} not found")
     role = row["role"] or "superuser"
-    if principal.key_id is not None:
+    if key is not None:
         # An API key reaches only its own organization, with the key's role, capped by what
         # its creator may do there today.
-        if row["id"] != principal.key_org_id:
+        if row["id"] != key.org_id:
             raise NotFoundException(f"organization {slug!r} not found")
         if perm in KEY_FORBIDDEN:
             raise PermissionDeniedException("an API key cannot manage members or API keys; log in as a user")
-        role = key_role(principal.key_role or "viewer", principal.key_creator_role or "viewer")
+        role = key_role(key.role, key.creator_role)
     if role != "superuser" and role not in MATRIX[perm]:
-        if principal.key_id is not None and role != principal.key_role:
-            raise PermissionDeniedException(f"this {principal.key_role} API key acts as {role}, its creator's role "
+        if key is not None and role != key.role:
+            raise PermissionDeniedException(f"this {key.role} API key acts as {role}, its creator's role "
                                             f"now, which may not do this ({perm})")
         raise PermissionDeniedException(f"the {role} role may not do this ({perm})")
     connection.scope.setdefault("state", {})["org_access"] = OrgAccess(row["id"], slug, role, principal)
@@ -107,14 +110,29 @@ async def provide_org(request: Request[Any, Any, Any]) -> OrgAccess:
     return request.scope["state"]["org_access"]  # type: ignore[no-any-return]
 
 
+ORG_PATH = "/api/v1/orgs/{org:str}"
+
+
+def org_router(*controllers: Any) -> Router:
+    """The router of every route under ``/api/v1/orgs/{org}``: the guard and the caller's
+    :class:`OrgAccess` (the ``access`` dependency) belong to it, not to each controller."""
+    return Router(path=ORG_PATH, route_handlers=list(controllers), guards=[org_guard],
+                  dependencies={"access": Provide(provide_org)}, security=SECURITY)
+
+
 def check_routes(app: Litestar) -> None:
-    """Refuse to start with an organization route that declares no permission."""
+    """Refuse to start with an organization route that declares no permission or is not
+    guarded (registered outside :func:`org_router`)."""
     for route in app.routes:
         if not route.path.startswith("/api/v1/orgs/{org"):
             continue
         for handler in getattr(route, "route_handlers", []):
             if set(handler.http_methods) == {"OPTIONS"}:
                 continue  # Litestar's automatic OPTIONS answer, which reveals nothing
+            methods = ", ".join(sorted(handler.http_methods))
             if handler.opt.get("perm") not in MATRIX:
-                raise RuntimeError(f"{route.path} ({', '.join(sorted(handler.http_methods))}) declares no "
+                raise RuntimeError(f"{route.path} ({methods}) declares no "
                                    f"permission: add opt={{'perm': ...}} from api.access.MATRIX")
+            if org_guard not in handler.resolve_guards():
+                raise RuntimeError(f"{route.path} ({methods}) is not guarded: register its controller "
+                                   f"in api.access.org_router")

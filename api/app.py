@@ -11,18 +11,23 @@ from typing import Any
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components
 
-from api.access import check_routes
+from api.access import check_routes, org_router
 from api.assets import AssetsController
+from api.auth.backend import SECURITY_SCHEMES, authentication
 from api.auth.routes import AuthController
 from api.auth.service import AuthService, retention_sweeper
-from api.data import DataController, ExportSlots
+from api.data import DataController
+from api.deps import SERVICES
 from api.devices import DevicesController
 from api.errors import HANDLERS
 from api.inputs import input_guard_middleware
 from api.keys import ApiKeysController
 from api.observability import ApiMetrics, connection_aborter, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
+from api.services.data import ExportSlots
+from api.services.technicians import TechnicianService
 from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
@@ -49,7 +54,8 @@ def create_app(settings: Settings) -> Litestar:
             app.state.pool = pool
             app.state.export_pool = export_pool  # streamed exports only: see api/data.py
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
-            sweeper = asyncio.create_task(expiry_sweeper(app), name="technician expiry sweep")
+            sweeper = asyncio.create_task(expiry_sweeper(TechnicianService(pool, settings)),
+                                          name="technician expiry sweep")
             retention = asyncio.create_task(retention_sweeper(app), name="retention sweep")
             try:
                 yield
@@ -60,15 +66,19 @@ def create_app(settings: Settings) -> Litestar:
                         await task
 
     app = _App(
-        route_handlers=[AuthController, OrgsController, OrgController, DevicesController, DataController,
-                        TechniciansController, ApiKeysController,
-                        AssetsController, health, ready, metrics],
+        route_handlers=[AuthController, OrgsController,
+                        org_router(OrgController, DevicesController, DataController, TechniciansController,
+                                   ApiKeysController, AssetsController),
+                        health, ready, metrics],
         lifespan=[lifespan],
-        middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES)],
+        dependencies=SERVICES,
+        # Outermost first: the request id, refusing unstorable input, then who is calling.
+        middleware=[request_id_middleware, input_guard_middleware(MAX_BODY_BYTES), authentication],
         exception_handlers=HANDLERS,
         cors_config=CORSConfig(allow_origins=list(settings.api.cors_origins), allow_credentials=True)
         if settings.api.cors_origins else None,
-        openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema"),
+        openapi_config=OpenAPIConfig(title="LMS Core API", version="0.1.0", path="/schema",
+                                     components=Components(security_schemes=SECURITY_SCHEMES)),
         request_max_body_size=MAX_BODY_BYTES,
         debug=False,
         logging_config=None,  # lms_core.logs: one JSON line per record, like the bridge

@@ -2,118 +2,48 @@
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
-from typing import Annotated, Any
-
-import asyncpg
-import msgspec
 from litestar import Controller, delete, get, post, put
-from litestar.di import Provide
-from litestar.exceptions import NotFoundException
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
-from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
-from api.deps import Req
-from api.devices import _COLUMNS, Device, _device, _properties
-from lms_core.errors import AlreadyExists
-from lms_core.topics import TopicScheme
+from api.access import Access
+from api.services.assets import Asset, AssetCreate, AssetService
+from api.services.devices import Device
 
-Slug = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
-
-
-class AssetCreate(msgspec.Struct, forbid_unknown_fields=True):
-    slug: Slug
-    name: Annotated[str, Meta(max_length=200)] = ""
-    kind: Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = "site"
-    properties: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class Asset(msgspec.Struct):
-    slug: str
-    name: str
-    kind: str
-    properties: dict[str, Any]
-    created_at: datetime
-    devices: int
+Assets = NamedDependency[AssetService]
 
 
 class AssetsController(Controller):
-    path = "/api/v1/orgs/{org:str}/assets"
+    path = "/assets"
     tags = ["assets"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
-
-    async def _asset_id(self, request: Req, access: Access, asset: str) -> int:
-        asset_id = await request.app.state.pool.fetchval(
-            "SELECT id FROM assets WHERE org_id = $1 AND slug = $2", access.org_id, asset)
-        if asset_id is None:
-            raise NotFoundException(f"asset {asset!r} not found")
-        return int(asset_id)
-
-    async def _list(self, request: Req, access: Access, asset: str | None = None) -> list[Asset]:
-        rows = await request.app.state.pool.fetch(
-            """SELECT a.slug, a.name, a.kind, a.properties, a.created_at,
-                      (SELECT count(*) FROM device_assets da WHERE da.asset_id = a.id) AS devices
-               FROM assets a WHERE a.org_id = $1 AND ($2::text IS NULL OR a.slug = $2) ORDER BY a.slug""",
-            access.org_id, asset)
-        return [Asset(slug=r["slug"], name=r["name"], kind=r["kind"], properties=json.loads(r["properties"]),
-                      created_at=r["created_at"], devices=r["devices"]) for r in rows]
 
     @get("/", opt={"perm": "devices.read"})
-    async def list_assets(self, request: Req, access: Access) -> list[Asset]:
-        return await self._list(request, access)
+    async def list_assets(self, access: Access, assets: Assets) -> list[Asset]:
+        return await assets.list_assets(access)
 
     @post("/", opt={"perm": "devices.write"}, status_code=HTTP_201_CREATED)
-    async def create(self, request: Req, access: Access, data: JSONBody[AssetCreate]) -> Asset:
-        try:
-            await request.app.state.pool.execute(
-                "INSERT INTO assets (org_id, slug, name, kind, properties) VALUES ($1, $2, $3, $4, $5::jsonb)",
-                access.org_id, data.slug, data.name or data.slug, data.kind, _properties(data.properties))
-        except asyncpg.UniqueViolationError:
-            raise AlreadyExists(f"asset {data.slug!r} exists") from None
-        return (await self._list(request, access, data.slug))[0]
+    async def create(self, access: Access, assets: Assets, data: JSONBody[AssetCreate]) -> Asset:
+        return await assets.create(access, data)
 
     @get("/{asset:str}", opt={"perm": "devices.read"})
-    async def get_asset(self, request: Req, access: Access, asset: FromPath[str]) -> Asset:
-        found = await self._list(request, access, asset)
-        if not found:
-            raise NotFoundException(f"asset {asset!r} not found")
-        return found[0]
+    async def get_asset(self, access: Access, assets: Assets, asset: FromPath[str]) -> Asset:
+        return await assets.get(access, asset)
 
     @delete("/{asset:str}", opt={"perm": "devices.write"}, status_code=HTTP_204_NO_CONTENT)
-    async def delete_asset(self, request: Req, access: Access, asset: FromPath[str]) -> None:
+    async def delete_asset(self, access: Access, assets: Assets, asset: FromPath[str]) -> None:
         """Delete the asset; its devices stay, detached."""
-        await request.app.state.pool.execute("DELETE FROM assets WHERE id = $1",
-                                             await self._asset_id(request, access, asset))
+        await assets.delete(access, asset)
 
     @get("/{asset:str}/devices", opt={"perm": "devices.read"})
-    async def devices(self, request: Req, access: Access, asset: FromPath[str]) -> list[Device]:
-        asset_id = await self._asset_id(request, access, asset)
-        rows = await request.app.state.pool.fetch(
-            f"""SELECT {_COLUMNS} FROM devices d JOIN device_assets da ON da.device_id = d.id
-                WHERE da.asset_id = $1 ORDER BY d.slug""", asset_id)
-        topics = TopicScheme(request.app.state.settings.topic_root)
-        return [_device(r, topics, access.slug) for r in rows]
+    async def devices(self, access: Access, assets: Assets, asset: FromPath[str]) -> list[Device]:
+        return await assets.devices(access, asset)
 
     @put("/{asset:str}/devices/{device:str}", opt={"perm": "devices.write"}, status_code=HTTP_204_NO_CONTENT)
-    async def attach(self, request: Req, access: Access, asset: FromPath[str], device: FromPath[str]) -> None:
+    async def attach(self, access: Access, assets: Assets, asset: FromPath[str], device: FromPath[str]) -> None:
         """Attach a device to the asset (a device may belong to several)."""
-        asset_id = await self._asset_id(request, access, asset)
-        dev_id = await request.app.state.pool.fetchval(
-            "SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
-        if dev_id is None:
-            raise NotFoundException(f"device {device!r} not found")
-        await request.app.state.pool.execute(
-            "INSERT INTO device_assets (asset_id, device_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", asset_id, dev_id)
+        await assets.attach(access, asset, device)
 
     @delete("/{asset:str}/devices/{device:str}", opt={"perm": "devices.write"}, status_code=HTTP_204_NO_CONTENT)
-    async def detach(self, request: Req, access: Access, asset: FromPath[str], device: FromPath[str]) -> None:
-        asset_id = await self._asset_id(request, access, asset)
-        done = await request.app.state.pool.fetchval(
-            """DELETE FROM device_assets da USING devices d WHERE da.device_id = d.id AND da.asset_id = $1
-               AND d.org_id = $2 AND d.slug = $3 RETURNING da.device_id""", asset_id, access.org_id, device)
-        if done is None:
-            raise NotFoundException(f"device {device!r} is not attached to {asset!r}")
+    async def detach(self, access: Access, assets: Assets, asset: FromPath[str], device: FromPath[str]) -> None:
+        await assets.detach(access, asset, device)

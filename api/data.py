@@ -1,409 +1,88 @@
-"""Readings, aggregates, latest values, events, exports and the quarantine.
-
-Every query is per device and rides the unique index (device_id, metric, time DESC);
-aggregates use ``date_bin`` (plain PostgreSQL and TimescaleDB alike). Raw lists page by
-keyset (an opaque cursor), never by offset. Exports stream from a server-side cursor.
-"""
+"""/api/v1/orgs/{org}: readings, aggregates, latest values, events, exports and the
+quarantine (the queries are in api/services/data.py). An export streams, and a reader that
+takes nothing for a while is cut off here."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import csv
-import io
-import json
 import logging
-import re
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any
 
-import asyncpg
-import msgspec
 from litestar import Controller, get
-from litestar.di import Provide
-from litestar.exceptions import NotFoundException, TooManyRequestsException
+from litestar.di import NamedDependency
 from litestar.params import FromPath, QueryParameter
 from litestar.response import Stream
 from litestar.response.base import ASGIResponse
 from litestar.types import Message, Receive, Scope, Send
 
-from api.access import Access, org_guard, provide_org
-from api.deps import BIGINT_MAX, Req
-from api.inputs import unstorable
-from lms_core.errors import InvalidInput
+from api.access import Access
+from api.deps import BIGINT_MAX, AppSettings
+from api.services.data import Bucket, DataService, EventPage, Export, QuarantinePage, Reading, ReadingPage
 
 log = logging.getLogger("lms.api")
 
-MAX_SPAN = timedelta(days=400)
-MAX_BUCKETS = 20_000
-_BUCKET = re.compile(r"(\d{1,5})(s|m|h|d)")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-AGGREGATES = ("avg", "min", "max", "count", "last")
+Data = NamedDependency[DataService]
 
 Metrics = Annotated[list[str] | None, QueryParameter(name="metric", description="repeat for several", max_items=50)]
 Start = Annotated[datetime | None, QueryParameter(name="from", description="RFC 3339; default: 24 h before 'to'")]
 End = Annotated[datetime | None, QueryParameter(name="to", description="RFC 3339, exclusive; default: now")]
 Limit = Annotated[int, QueryParameter(ge=1, le=10_000)]
 
-
-class Reading(msgspec.Struct):
-    time: datetime
-    metric: str
-    value: float | None
-    text: str | None
-
-
-class ReadingPage(msgspec.Struct):
-    items: list[Reading]
-    next: str | None
-
-
-class Bucket(msgspec.Struct, omit_defaults=True):
-    bucket: datetime
-    metric: str
-    avg: float | None = None
-    min: float | None = None
-    max: float | None = None
-    count: int | None = None
-    last: float | None = None
-
-
-class Event(msgspec.Struct):
-    time: datetime
-    type: str
-    data: dict[str, Any]
-
-
-class EventPage(msgspec.Struct):
-    items: list[Event]
-    next: str | None
-
-
-class Quarantined(msgspec.Struct):
-    id: int
-    received_at: datetime
-    topic: str
-    device: str | None
-    reason: str
-    payload: str  # base64: payloads are not always text
-    size: int
-
-
-class QuarantinePage(msgspec.Struct):
-    items: list[Quarantined]
-    next: int | None
-
-
-def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
-    end = _aware(end) if end else datetime.now(UTC)
-    start = _aware(start) if start else end - timedelta(days=1)
-    if start >= end:
-        raise InvalidInput("'from' must be before 'to'")
-    if end - start > MAX_SPAN:
-        raise InvalidInput(f"the time range may span at most {MAX_SPAN.days} days")
-    return start, end
-
-
-def _aware(t: datetime) -> datetime:
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
-def _cursor(*parts: Any) -> str:
-    return base64.urlsafe_b64encode(json.dumps(parts, default=str).encode()).decode()
-
-
-def _uncursor(cursor: str | None) -> tuple[datetime, str] | None:
-    """The (time, name) a cursor of :func:`_cursor` holds; anything else is the caller's
-    error, however it was forged (not base64, not JSON, wrong shapes or types, NUL)."""
-    if not cursor:
-        return None
-    try:
-        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        if not (isinstance(parts, list) and len(parts) == 2 and isinstance(parts[0], str)
-                and isinstance(parts[1], str) and not unstorable(parts[1])):
-            raise ValueError
-        return _aware(datetime.fromisoformat(parts[0])), parts[1]
-    except (ValueError, TypeError):
-        raise InvalidInput("the cursor is not one this API issued") from None
-
-
-def parse_bucket(text: str) -> timedelta:
-    m = _BUCKET.fullmatch(text)
-    if not m:
-        raise InvalidInput("bucket must look like 30s, 5m, 1h or 1d")
-    seconds = int(m.group(1)) * _UNITS[m.group(2)]
-    if not 1 <= seconds <= 86400:
-        raise InvalidInput("bucket must be between 1s and 1d")
-    return timedelta(seconds=seconds)
-
-
-#: The metrics of one device, by a loose index scan: one index probe per metric.
-_METRICS_SQL = """
-    WITH RECURSIVE m(metric) AS (
-        (SELECT metric FROM readings WHERE device_id = $1 ORDER BY metric LIMIT 1)
-        UNION ALL
-        SELECT (SELECT r.metric FROM readings r WHERE r.device_id = $1 AND r.metric > m.metric
-                ORDER BY r.metric LIMIT 1)
-        FROM m WHERE m.metric IS NOT NULL)
-    SELECT metric FROM m WHERE metric IS NOT NULL"""
-
-
-#: The newest reading of each metric of device $1.
-LATEST_SQL = f"""
-    WITH metrics AS ({_METRICS_SQL})
-    SELECT l.* FROM metrics m CROSS JOIN LATERAL (
-        SELECT time, metric, value, text_value FROM readings r
-        WHERE r.device_id = $1 AND r.metric = m.metric ORDER BY time DESC LIMIT 1) l
-    ORDER BY l.metric"""
-
-#: Buckets of width $4 from $2 to $3 for device $1 and the metrics $5.
-AGGREGATE_SQL = """
-    SELECT date_bin($4::interval, time, $2) AS bucket, metric, avg(value) AS avg, min(value) AS min,
-           max(value) AS max, count(*) AS count, (array_agg(value ORDER BY time DESC))[1] AS last
-    FROM readings
-    WHERE device_id = $1 AND metric = ANY ($5::text[]) AND time >= $2 AND time < $3
-    GROUP BY 1, 2 ORDER BY 1, 2"""
-
-
-async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list[str]:
-    """The metrics to query, always as a list: ``metric = ANY($n)`` then bounds the index
-    (device_id, metric, time) by time for each of them. An "all metrics" query written as
-    ``$n IS NULL OR metric = ANY($n)`` cannot, and once asyncpg's prepared statement gets
-    PostgreSQL's generic plan it walks the device's whole history (bench/api_queries.py)."""
-    if wanted:
-        return wanted
-    return [r["metric"] for r in await pool.fetch(_METRICS_SQL, dev_id)]
-
-
 class DataController(Controller):
-    path = "/api/v1/orgs/{org:str}"
+    path = "/"
     tags = ["data"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
-
-    @staticmethod
-    async def _device_id(request: Req, access: Access, device: str) -> int:
-        dev_id = await request.app.state.pool.fetchval(
-            "SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
-        if dev_id is None:
-            raise NotFoundException(f"device {device!r} not found")
-        return int(dev_id)
 
     @get("/devices/{device:str}/readings", opt={"perm": "data.read"})
-    async def readings(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
+    async def readings(self, access: Access, data_service: Data, device: FromPath[str], metric: Metrics = None,
                        start: Start = None, end: End = None, limit: Limit = 1000,
                        cursor: Annotated[str | None, QueryParameter(max_length=500)] = None) -> ReadingPage:
         """Raw readings in time order (then metric); pass ``next`` back as ``cursor`` for more."""
-        dev_id = await self._device_id(request, access, device)
-        t0, t1 = _window(start, end)
-        after = _uncursor(cursor)
-        after_t = after[0] if after else None
-        pool = request.app.state.pool
-        rows = await pool.fetch(
-            """SELECT time, metric, value, text_value FROM readings
-               WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
-                 AND ($5::timestamptz IS NULL OR (time, metric) > ($5, $6::text))
-               ORDER BY time, metric LIMIT $7""",
-            dev_id, t0, t1, await _metric_list(pool, dev_id, metric), after_t, after[1] if after else None,
-            limit + 1)
-        items = [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"])
-                 for r in rows[:limit]]
-        nxt = _cursor(items[-1].time.isoformat(), items[-1].metric) if len(rows) > limit else None
-        return ReadingPage(items=items, next=nxt)
+        return await data_service.readings(access, device, metric, start, end, limit, cursor)
 
     @get("/devices/{device:str}/readings/aggregate", opt={"perm": "data.read"})
-    async def aggregate(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
+    async def aggregate(self, access: Access, data_service: Data, device: FromPath[str], metric: Metrics = None,
                         start: Start = None, end: End = None,
                         bucket: Annotated[str, QueryParameter(description="1s .. 1d, e.g. 5m")] = "5m",
                         fn: Annotated[list[str] | None, QueryParameter(
                             description="avg, min, max, count, last (repeat); default all")] = None) -> list[Bucket]:
         """Per bucket and metric: avg, min, max, count and last value (``date_bin``)."""
-        dev_id = await self._device_id(request, access, device)
-        t0, t1 = _window(start, end)
-        width = parse_bucket(bucket)
-        if (t1 - t0) / width > MAX_BUCKETS:
-            raise InvalidInput(f"more than {MAX_BUCKETS} buckets: widen the bucket or narrow the range")
-        wanted = fn or list(AGGREGATES)
-        bad = [f for f in wanted if f not in AGGREGATES]
-        if bad:
-            raise InvalidInput(f"unknown aggregate {bad[0]!r}; use {', '.join(AGGREGATES)}")
-        pool = request.app.state.pool
-        rows = await pool.fetch(
-            AGGREGATE_SQL, dev_id, t0, t1, width, await _metric_list(pool, dev_id, metric))
-        return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
+        return await data_service.aggregate(access, device, metric, start, end, bucket, fn)
 
     @get("/devices/{device:str}/latest", opt={"perm": "data.read"})
-    async def latest(self, request: Req, access: Access, device: FromPath[str]) -> list[Reading]:
+    async def latest(self, access: Access, data_service: Data, device: FromPath[str]) -> list[Reading]:
         """The newest reading of each metric of the device."""
-        dev_id = await self._device_id(request, access, device)
-        # A loose index scan: one index probe per metric, however many rows a metric has.
-        rows = await request.app.state.pool.fetch(LATEST_SQL, dev_id)
-        return [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"]) for r in rows]
+        return await data_service.latest(access, device)
 
     @get("/devices/{device:str}/events", opt={"perm": "data.read"})
-    async def events(self, request: Req, access: Access, device: FromPath[str],
+    async def events(self, access: Access, data_service: Data, device: FromPath[str],
                      type: Annotated[str | None, QueryParameter(max_length=64)] = None,
                      start: Start = None, end: End = None, limit: Limit = 1000,
                      cursor: Annotated[str | None, QueryParameter(max_length=500)] = None) -> EventPage:
         """Events in time order; pass ``next`` back as ``cursor`` for more."""
-        dev_id = await self._device_id(request, access, device)
-        t0, t1 = _window(start, end)
-        after = _uncursor(cursor)
-        rows = await request.app.state.pool.fetch(
-            """SELECT time, type, data FROM events
-               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($4::text IS NULL OR type = $4)
-                 AND ($5::timestamptz IS NULL OR (time, type) > ($5, $6::text))
-               ORDER BY time, type LIMIT $7""",
-            dev_id, t0, t1, type, after[0] if after else None, after[1] if after else None, limit + 1)
-        items = [Event(time=r["time"], type=r["type"], data=json.loads(r["data"])) for r in rows[:limit]]
-        nxt = _cursor(items[-1].time.isoformat(), items[-1].type) if len(rows) > limit else None
-        return EventPage(items=items, next=nxt)
+        return await data_service.events(access, device, type, start, end, limit, cursor)
 
     @get("/devices/{device:str}/export", opt={"perm": "data.read"})
-    async def export(self, request: Req, access: Access, device: FromPath[str], metric: Metrics = None,
-                     start: Start = None, end: End = None,
+    async def export(self, access: Access, data_service: Data, settings: AppSettings, device: FromPath[str],
+                     metric: Metrics = None, start: Start = None, end: End = None,
                      format: Annotated[str, QueryParameter(pattern="^(csv|json)$")] = "csv") -> Stream:
         """All readings of the range, streamed as CSV or JSON lines (never held in memory).
 
         At most a few exports stream at once per user and per API process; beyond that the
         answer is 429 with Retry-After. A reader that takes nothing for a while is cut off."""
-        dev_id = await self._device_id(request, access, device)
-        t0, t1 = _window(start, end)
-        pool = request.app.state.pool
-        metrics = await _metric_list(pool, dev_id, metric)
-        slots: ExportSlots = request.app.state.export_slots
-        user = access.principal.user_id
-        if not slots.take(user):
-            raise TooManyRequestsException("too many exports at once; try again when one has finished",
-                                           headers={"Retry-After": str(EXPORT_RETRY_AFTER_S)})
-        try:
-            # The query runs and its first rows arrive before any header is sent, so an
-            # error up to here is an ordinary JSON answer, not a cut connection.
-            export = await _Export.open(request.app.state.export_pool, slots, user, format,
-                                        (dev_id, t0, t1, metrics))
-        except BaseException:
-            slots.give(user)
-            raise
+        export = await data_service.export(access, device, metric, start, end, format)
         media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
         name = f"{access.slug}-{device}.{'csv' if format == 'csv' else 'jsonl'}"
-        return _ExportStream(export, request.app.state.settings.api.export_stall_s, media_type=media,
+        return _ExportStream(export, settings.api.export_stall_s, media_type=media,
                              headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @get("/quarantine", opt={"perm": "quarantine.read"})
     async def quarantine(
-        self, request: Req, access: Access, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        self, access: Access, data_service: Data, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         before: Annotated[int | None, QueryParameter(ge=1, le=BIGINT_MAX, description="id to continue below")] = None,
     ) -> QuarantinePage:
         """What the bridge refused for this organization, newest first, and why."""
-        rows = await request.app.state.pool.fetch(
-            """SELECT id, received_at, topic, device_slug, reason, payload FROM quarantine
-               WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
-            access.org_id, before, limit + 1)
-        items = [Quarantined(id=r["id"], received_at=r["received_at"], topic=r["topic"], device=r["device_slug"],
-                             reason=r["reason"], payload=base64.b64encode(r["payload"][:65536]).decode(),
-                             size=len(r["payload"])) for r in rows[:limit]]
-        return QuarantinePage(items=items, next=items[-1].id if len(rows) > limit else None)
-
-
-#: Rows per fetch from the export cursor and per chunk written to the client.
-EXPORT_CHUNK_ROWS = 2000
-#: A hint only: exports finish or are cut off within the stall time.
-EXPORT_RETRY_AFTER_S = 5
-
-_EXPORT_SQL = """SELECT time, metric, value, text_value FROM readings
-                 WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
-                 ORDER BY time, metric"""
-
-
-class ExportSlots:
-    """Exports streaming now, per API process and per user (an API key counts for the user
-    who made it). Taken without waiting: a request over the limit is refused at once, so
-    no request ever queues behind an export. One event loop: no lock is needed."""
-
-    def __init__(self, per_process: int, per_user: int) -> None:
-        self.per_process = per_process
-        self.per_user = per_user
-        self.active = 0
-        self.by_user: dict[int, int] = {}
-
-    def take(self, user_id: int) -> bool:
-        if self.active >= self.per_process or self.by_user.get(user_id, 0) >= self.per_user:
-            return False
-        self.active += 1
-        self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
-        return True
-
-    def give(self, user_id: int) -> None:
-        self.active -= 1
-        left = self.by_user[user_id] - 1
-        if left:
-            self.by_user[user_id] = left
-        else:
-            del self.by_user[user_id]
-
-
-class _Export:
-    """One export: a connection of the export pool, a read-only transaction with a server-side
-    cursor, and the slot it holds. :meth:`close` gives all of them back, once."""
-
-    def __init__(self, pool: Any, conn: Any, tx: Any, cursor: Any, first: list[Any], slots: ExportSlots,
-                 user: int, format: str) -> None:
-        self._pool, self._conn, self._tx, self._cursor = pool, conn, tx, cursor
-        self._first: list[Any] | None = first
-        self._slots, self._user, self._format = slots, user, format
-        self._closed = False
-
-    @classmethod
-    async def open(cls, pool: Any, slots: ExportSlots, user: int, format: str, args: tuple[Any, ...]) -> _Export:
-        # The export pool has a connection per slot, so this does not wait on other exports.
-        conn = await pool.acquire(timeout=10)
-        try:
-            tx = conn.transaction(readonly=True)
-            await tx.start()
-            cursor = await conn.cursor(_EXPORT_SQL, *args)
-            first = await cursor.fetch(EXPORT_CHUNK_ROWS)
-        except BaseException:
-            await pool.release(conn)  # releasing rolls the transaction back
-            raise
-        return cls(pool, conn, tx, cursor, first, slots, user, format)
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        if self._format == "csv":
-            yield b"time,metric,value,text\r\n"
-        rows, self._first = self._first or [], None
-        while rows:
-            yield self._encode(rows)
-            if len(rows) < EXPORT_CHUNK_ROWS:
-                break
-            rows = await self._cursor.fetch(EXPORT_CHUNK_ROWS)
-        await self.close()  # release early: before the last bytes reach the client
-
-    def _encode(self, rows: list[Any]) -> bytes:
-        if self._format == "csv":
-            buf = io.StringIO()
-            writer = csv.writer(buf)
-            for r in rows:
-                writer.writerow([r["time"].isoformat(), r["metric"], "" if r["value"] is None else repr(r["value"]),
-                                 r["text_value"] or ""])
-            return buf.getvalue().encode()
-        return "".join(json.dumps({"time": r["time"].isoformat(), "metric": r["metric"], "value": r["value"],
-                                   "text": r["text_value"]}) + "\n" for r in rows).encode()
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            try:
-                await self._tx.rollback()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                # A fetch cut short by the client's leaving can leave the connection
-                # mid-query: it is of no further use, and the pool replaces it.
-                self._conn.terminate()
-            await self._pool.release(self._conn)
-        finally:
-            self._slots.give(self._user)
+        return await data_service.quarantine(access, limit, before)
 
 
 class _Stalled(Exception):
@@ -411,10 +90,10 @@ class _Stalled(Exception):
 
 
 class _ExportStream(Stream):
-    """A Stream that owns its :class:`_Export`: it closes it however the response ends, and
+    """A Stream that owns its :class:`~api.services.data.Export`: it closes it however the response ends, and
     cuts off a client that takes nothing for ``stall_s`` seconds."""
 
-    def __init__(self, export: _Export, stall_s: float, **kwargs: Any) -> None:
+    def __init__(self, export: Export, stall_s: float, **kwargs: Any) -> None:
         super().__init__(export.chunks(), **kwargs)
         self._export = export
         self._stall_s = stall_s
@@ -426,7 +105,7 @@ class _ExportStream(Stream):
 class _Guarded:
     """The ASGI side of :class:`_ExportStream` (Litestar only calls what it is given)."""
 
-    def __init__(self, inner: ASGIResponse, export: _Export, stall_s: float) -> None:
+    def __init__(self, inner: ASGIResponse, export: Export, stall_s: float) -> None:
         self.inner, self.export, self.stall_s = inner, export, stall_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

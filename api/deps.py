@@ -1,31 +1,39 @@
-"""Dependencies shared by the routes: the caller, the services, the client's address."""
+"""Dependencies shared by the routes: the caller, the services, the client's address.
+
+Every service is built here from the app's state (its pools and settings), per request
+(cheap: a few references); handlers receive them by name (``SERVICES``)."""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from typing import Annotated, Any
 
 from litestar import Request
-from litestar.connection import ASGIConnection
-from litestar.di import NamedDependency
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.datastructures import State
+from litestar.di import NamedDependency, Provide
 from litestar.params import PathParameter
 
-from api.auth.service import AuthService, Principal
+from api.auth.service import AuthService, Principal, Session
+from api.services.assets import AssetService
+from api.services.audit import Audit
+from api.services.data import DataService
+from api.services.devices import DeviceService
+from api.services.errors import Forbidden
+from api.services.keys import KeyService
+from api.services.orgs import OrgService
+from api.services.technicians import TechnicianService
+from lms_core.settings import Settings
 
 Req = Request[Any, Any, Any]
 Me = NamedDependency[Principal]
+UserSession = NamedDependency[Session]
 Auth = NamedDependency[AuthService]
+AuditLog = NamedDependency[Audit]
+AppSettings = NamedDependency[Settings]
 
 #: Ids are PostgreSQL bigints; a larger number is a 422, not an overflow deep down.
 BIGINT_MAX = 2**63 - 1
 Id = Annotated[int, PathParameter(ge=1, le=BIGINT_MAX)]
-
-SESSION_COOKIE = "lms_session"
-CSRF_COOKIE = "lms_csrf"
-CSRF_HEADER = "x-csrf-token"
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def client_address(request: Request[Any, Any, Any]) -> str:
@@ -54,54 +62,66 @@ def request_id(request: Request[Any, Any, Any]) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-async def provide_auth(request: Request[Any, Any, Any]) -> AuthService:
-    return request.app.state.auth  # type: ignore[no-any-return]
+async def provide_audit(request: Request[Any, Any, Any]) -> Audit:
+    """The client's address and the request id, for the audit rows this request writes."""
+    return Audit(address=client_address(request), request_id=request_id(request))
 
 
-async def provide_principal(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
-    """The authenticated caller, or 401.
-
-    A bearer token (programs) or the session cookie (browsers). A cookie-authenticated
-    request that changes state must also carry the session's CSRF token (the CSRF cookie's
-    value) in X-CSRF-Token: another site can make the browser send the cookie, but cannot
-    read it to copy it, nor compute the token of someone else's session.
-    """
-    auth: AuthService = request.app.state.auth
-    header = request.headers.get("authorization", "")
-    api_key = request.headers.get("x-api-key", "")
-    if api_key:
-        principal = await auth.key_principal(api_key.strip())
-    elif header:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise NotAuthorizedException("Authorization must be 'Bearer <token>'",
-                                         headers={"WWW-Authenticate": "Bearer"})
-        token = token.strip()
-        if token.startswith("lms_"):
-            principal = await auth.key_principal(token)
-        else:
-            principal = await auth.principal(token, "bearer")
-    else:
-        token = request.cookies.get(SESSION_COOKIE, "")
-        if not token:
-            raise NotAuthorizedException("authentication required", headers={"WWW-Authenticate": "Bearer"})
-        principal = await auth.principal(token, "cookie")
-        if principal is not None and request.scope.get("method") not in SAFE_METHODS:
-            # The token is an HMAC of this session's token id (the CSRF cookie only hands it to
-            # the page's script): a token of another session, or a CSRF cookie planted by a
-            # sibling subdomain, does not match.
-            sent = request.headers.get(CSRF_HEADER, "")
-            if not sent or not hmac.compare_digest(sent.encode(), auth.csrf_token(principal.jti).encode()):
-                raise PermissionDeniedException("missing or wrong X-CSRF-Token header for a cookie session")
-    if principal is None:
-        raise NotAuthorizedException("invalid, expired or revoked token", headers={"WWW-Authenticate": "Bearer"})
-    return principal
+async def provide_settings(state: State) -> Settings:
+    return state.settings  # type: ignore[no-any-return]
 
 
-async def provide_user_session(request: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+async def provide_auth(state: State) -> AuthService:
+    return state.auth  # type: ignore[no-any-return]
+
+
+async def provide_orgs(state: State) -> OrgService:
+    return OrgService(state.pool, state.settings)
+
+
+async def provide_devices(state: State) -> DeviceService:
+    return DeviceService(state.pool, state.settings)
+
+
+async def provide_assets(state: State) -> AssetService:
+    return AssetService(state.pool, state.settings)
+
+
+async def provide_keys(state: State) -> KeyService:
+    return KeyService(state.pool)
+
+
+async def provide_technicians(state: State) -> TechnicianService:
+    return TechnicianService(state.pool, state.settings)
+
+
+async def provide_data(state: State) -> DataService:
+    return DataService(state.pool, state.export_pool, state.export_slots)
+
+
+#: Named as the handlers' parameters. ``data`` is Litestar's name for the request body,
+#: hence ``data_service``.
+SERVICES = {
+    "settings": Provide(provide_settings),
+    "audit": Provide(provide_audit),
+    "auth": Provide(provide_auth),
+    "orgs": Provide(provide_orgs),
+    "devices": Provide(provide_devices),
+    "assets": Provide(provide_assets),
+    "keys": Provide(provide_keys),
+    "technicians": Provide(provide_technicians),
+    "data_service": Provide(provide_data),
+}
+
+
+async def provide_principal(request: Request[Principal, str, State]) -> Principal:
+    """The authenticated caller (api/auth/backend.py)."""
+    return request.user
+
+
+async def provide_user_session(request: Request[Principal, str, State]) -> Session:
     """The caller, who must be a user session: an API key may not manage accounts or
     create organizations (it is scoped to one organization)."""
-    principal = await provide_principal(request)
-    if principal.key_id is not None:
-        raise PermissionDeniedException("an API key cannot do this; log in as a user")
-    return principal
+    if not isinstance(request.user, Session):
+        raise Forbidden("an API key cannot do this; log in as a user")
+    return request.user

@@ -16,6 +16,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from api.services.errors import Forbidden, RateLimited, Unauthenticated
 from lms_core.errors import AlreadyExists, BrokerError, InvalidInput, LmsError, NotFound, StorageError
 
 log = logging.getLogger("lms.api")
@@ -49,6 +50,12 @@ def http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
 
 
 def domain_exception(request: Request[Any, Any, Any], exc: LmsError) -> Response[dict[str, Any]]:
+    if isinstance(exc, Unauthenticated):
+        return error_response(request, 401, str(exc), headers={"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, Forbidden):
+        return error_response(request, 403, str(exc))
+    if isinstance(exc, RateLimited):
+        return error_response(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, NotFound):
         return error_response(request, 404, str(exc))
     if isinstance(exc, AlreadyExists):

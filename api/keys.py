@@ -2,87 +2,32 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
-
-import msgspec
 from litestar import Controller, delete, get, post
-from litestar.di import Provide
-from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
-from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
-from api.auth.service import audit, new_api_key
-from api.deps import Id, Req, client_address, request_id
+from api.access import Access
+from api.deps import AuditLog, Id
+from api.services.keys import ApiKey, ApiKeyCreated, KeyCreate, KeyService
 
-Role = Annotated[str, Meta(pattern=r"^(owner|admin|operator|viewer|technician)$")]
-
-
-class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
-    name: Annotated[str, Meta(min_length=1, max_length=200)]
-    role: Role = "viewer"
-
-
-class ApiKey(msgspec.Struct):
-    id: int
-    name: str
-    role: str
-    prefix: str
-    created_at: datetime
-    last_used_at: datetime | None
-    revoked_at: datetime | None
-
-
-class ApiKeyCreated(msgspec.Struct):
-    id: int
-    name: str
-    role: str
-    key: str  # shown once; send it as "Authorization: Bearer <key>" or "X-API-Key: <key>"
+Keys = NamedDependency[KeyService]
 
 
 class ApiKeysController(Controller):
-    path = "/api/v1/orgs/{org:str}/api-keys"
+    path = "/api-keys"
     tags = ["api keys"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     @post("/", opt={"perm": "members.manage"}, status_code=HTTP_201_CREATED)
-    async def create(self, request: Req, access: Access, data: JSONBody[KeyCreate]) -> ApiKeyCreated:
+    async def create(self, access: Access, keys: Keys, audit: AuditLog, data: JSONBody[KeyCreate]) -> ApiKeyCreated:
         """Create a key acting in this organization with ``role``; the key is shown only now."""
-        if data.role == "owner" and access.role not in ("owner", "superuser"):
-            raise PermissionDeniedException("only an owner may create an owner key")
-        if access.principal.key_id is not None:
-            raise PermissionDeniedException("an API key cannot create API keys")
-        key, prefix, hashed = new_api_key()
-        pool = request.app.state.pool
-        async with pool.acquire() as conn, conn.transaction():
-            key_id = await conn.fetchval(
-                """INSERT INTO api_keys (org_id, user_id, name, role, prefix, key_hash)
-                   VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
-                access.org_id, access.principal.user_id, data.name, data.role, prefix, hashed)
-            await audit(conn, "api_key.created", actor=access.principal.user_id, org_id=access.org_id,
-                        target=f"{data.name} ({prefix})", detail={"role": data.role},
-                        address=client_address(request), request_id=request_id(request))
-        return ApiKeyCreated(id=key_id, name=data.name, role=data.role, key=key)
+        return await keys.create(access, data, audit)
 
     @get("/", opt={"perm": "members.manage"})
-    async def list_keys(self, request: Req, access: Access) -> list[ApiKey]:
-        rows = await request.app.state.pool.fetch(
-            """SELECT id, name, role, prefix, created_at, last_used_at, revoked_at FROM api_keys
-               WHERE org_id = $1 ORDER BY id DESC LIMIT 1000""", access.org_id)
-        return [ApiKey(**dict(r)) for r in rows]
+    async def list_keys(self, access: Access, keys: Keys) -> list[ApiKey]:
+        return await keys.list_keys(access)
 
     @delete("/{key_id:int}", opt={"perm": "members.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def revoke(self, request: Req, access: Access, key_id: Id) -> None:
+    async def revoke(self, access: Access, keys: Keys, audit: AuditLog, key_id: Id) -> None:
         """Revoke a key: it stops working at once."""
-        pool = request.app.state.pool
-        async with pool.acquire() as conn, conn.transaction():
-            prefix = await conn.fetchval(
-                """UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND org_id = $2 AND revoked_at IS NULL
-                   RETURNING prefix""", key_id, access.org_id)
-            if prefix is None:
-                raise NotFoundException("no such active key")
-            await audit(conn, "api_key.revoked", actor=access.principal.user_id, org_id=access.org_id,
-                        target=prefix, address=client_address(request), request_id=request_id(request))
+        await keys.revoke(access, key_id, audit)

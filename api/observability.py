@@ -83,13 +83,13 @@ def connection_aborter(send: Send) -> Any:
     return abort
 
 
-@get("/health", include_in_schema=False, sync_to_thread=False)
+@get("/health", include_in_schema=False, sync_to_thread=False, opt={"exclude_from_auth": True})
 def health() -> dict[str, str]:
     """Alive: the process answers."""
     return {"status": "ok"}
 
 
-@get("/ready", include_in_schema=False)
+@get("/ready", include_in_schema=False, opt={"exclude_from_auth": True})
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """Ready: the database answers a query and the broker accepts a TCP connection."""
     state = request.app.state
@@ -110,6 +110,6 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     return Response({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
-@get("/metrics", include_in_schema=False)
+@get("/metrics", include_in_schema=False, opt={"exclude_from_auth": True})
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

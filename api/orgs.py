@@ -2,155 +2,60 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated
-
-import asyncpg
-import msgspec
 from litestar import Controller, delete, get, post, put
-from litestar.di import Provide
-from litestar.exceptions import NotFoundException, PermissionDeniedException
+from litestar.di import NamedDependency, Provide
 from litestar.params import FromPath, JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
-from msgspec import Meta
 
-from api.access import Access, org_guard, provide_org
-from api.auth.service import audit
-from api.deps import Me, Req, client_address, provide_principal, provide_user_session, request_id
-from api.devices import provisioner
-from lms_core.errors import AlreadyExists
+from api.access import Access
+from api.auth.backend import SECURITY
+from api.deps import AuditLog, Me, UserSession, provide_principal, provide_user_session
+from api.services.orgs import Member, MemberSet, Org, OrgCreate, OrgService
 
-Slug = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", examples=[])]
-Role = Annotated[str, Meta(pattern=r"^(owner|admin|operator|viewer|technician)$")]
-
-
-class OrgCreate(msgspec.Struct, forbid_unknown_fields=True):
-    slug: Slug
-    name: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
-
-
-class Org(msgspec.Struct):
-    slug: str
-    name: str
-    role: str
-    created_at: datetime
-
-
-class MemberSet(msgspec.Struct, forbid_unknown_fields=True):
-    role: Role
-
-
-class Member(msgspec.Struct):
-    user_id: int
-    email: FromPath[str]
-    role: str
+Orgs = NamedDependency[OrgService]
 
 
 class OrgsController(Controller):
     path = "/api/v1/orgs"
     tags = ["organizations"]
+    security = SECURITY
 
     @post("/", status_code=HTTP_201_CREATED, dependencies={"me": Provide(provide_user_session)})
-    async def create(self, request: Req, data: JSONBody[OrgCreate], me: Me) -> Org:
+    async def create(self, orgs: Orgs, me: UserSession, audit: AuditLog, data: JSONBody[OrgCreate]) -> Org:
         """Create an organization; the caller becomes its owner."""
-        pool = request.app.state.pool
-        async with pool.acquire() as conn, conn.transaction():
-            try:
-                row = await conn.fetchrow(
-                    "INSERT INTO organizations (slug, name) VALUES ($1, $2) RETURNING id, created_at",
-                    data.slug, data.name or data.slug)
-            except asyncpg.UniqueViolationError:
-                raise AlreadyExists(f"organization {data.slug!r} exists") from None
-            await conn.execute("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'owner')",
-                               row["id"], me.user_id)
-            await audit(conn, "org.created", actor=me.user_id, org_id=row["id"], target=data.slug,
-                        address=client_address(request), request_id=request_id(request))
-        return Org(slug=data.slug, name=data.name or data.slug, role="owner", created_at=row["created_at"])
+        return await orgs.create(me, data, audit)
 
     @get("/", dependencies={"me": Provide(provide_principal)})
-    async def list_mine(self, request: Req, me: Me) -> list[Org]:
+    async def list_mine(self, orgs: Orgs, me: Me) -> list[Org]:
         """The organizations the caller belongs to (all of them for a superuser)."""
-        rows = await request.app.state.pool.fetch(
-            """SELECT o.slug, o.name, o.created_at, coalesce(m.role, 'superuser') AS role
-               FROM organizations o LEFT JOIN memberships m ON m.org_id = o.id AND m.user_id = $1
-               WHERE m.user_id IS NOT NULL OR $2 ORDER BY o.slug""",
-            me.user_id, me.is_superuser)
-        return [Org(slug=r["slug"], name=r["name"], role=r["role"], created_at=r["created_at"]) for r in rows]
+        return await orgs.list_mine(me)
 
 
 class OrgController(Controller):
-    path = "/api/v1/orgs/{org:str}"
+    path = "/"
     tags = ["organizations"]
-    guards = [org_guard]
-    dependencies = {"access": Provide(provide_org)}
 
     @get("/", opt={"perm": "org.read"})
-    async def get_org(self, request: Req, access: Access) -> Org:
+    async def get_org(self, access: Access, orgs: Orgs) -> Org:
         """One organization and the caller's role in it."""
-        r = await request.app.state.pool.fetchrow(
-            "SELECT slug, name, created_at FROM organizations WHERE id = $1", access.org_id)
-        return Org(slug=r["slug"], name=r["name"], role=access.role, created_at=r["created_at"])
+        return await orgs.get(access)
 
     @delete("/", opt={"perm": "org.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def delete_org(self, request: Req, access: Access) -> None:
+    async def delete_org(self, access: Access, orgs: Orgs, audit: AuditLog) -> None:
         """Delete the organization with its devices, members and data. Every broker login of
         it (devices, technicians) is removed and disconnected before the answer."""
-        async with provisioner(request) as prov:
-            await prov.delete_org(access.org_id, access.slug)
-        await audit(request.app.state.pool, "org.deleted", actor=access.principal.user_id, target=access.slug,
-                    address=client_address(request), request_id=request_id(request))
+        await orgs.delete(access, audit)
 
     @get("/members", opt={"perm": "org.read"})
-    async def members(self, request: Req, access: Access) -> list[Member]:
-        rows = await request.app.state.pool.fetch(
-            """SELECT u.id, u.email, m.role FROM memberships m JOIN users u ON u.id = m.user_id
-               WHERE m.org_id = $1 ORDER BY u.email""", access.org_id)
-        return [Member(user_id=r["id"], email=r["email"], role=r["role"]) for r in rows]
+    async def members(self, access: Access, orgs: Orgs) -> list[Member]:
+        return await orgs.members(access)
 
     @put("/members/{email:str}", opt={"perm": "members.manage"})
-    async def set_member(self, request: Req, access: Access, email: FromPath[str],
+    async def set_member(self, access: Access, orgs: Orgs, audit: AuditLog, email: FromPath[str],
                          data: JSONBody[MemberSet]) -> Member:
         """Add a user (by email) to the organization or change their role."""
-        if data.role == "owner" and access.role not in ("owner", "superuser"):
-            raise PermissionDeniedException("only an owner may make an owner")
-        pool = request.app.state.pool
-        async with pool.acquire() as conn, conn.transaction():
-            user = await conn.fetchrow("SELECT id, email FROM users WHERE lower(email) = lower($1)", email)
-            if user is None:
-                raise NotFoundException(f"no user {email!r}")
-            before = await conn.fetchval("SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
-                                         access.org_id, user["id"])
-            if before == "owner" and access.role not in ("owner", "superuser"):
-                raise PermissionDeniedException("only an owner may change an owner's role")
-            await conn.execute(
-                """INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)
-                   ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role""",
-                access.org_id, user["id"], data.role)
-            await _keep_an_owner(conn, access.org_id)
-            await audit(conn, "member.role_changed", actor=access.principal.user_id, org_id=access.org_id,
-                        target=user["email"], detail={"from": before, "to": data.role},
-                        address=client_address(request), request_id=request_id(request))
-        return Member(user_id=user["id"], email=user["email"], role=data.role)
+        return await orgs.set_member(access, email, data.role, audit)
 
     @delete("/members/{email:str}", opt={"perm": "members.manage"}, status_code=HTTP_204_NO_CONTENT)
-    async def remove_member(self, request: Req, access: Access, email: FromPath[str]) -> None:
-        pool = request.app.state.pool
-        async with pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                """DELETE FROM memberships m USING users u
-                   WHERE m.user_id = u.id AND m.org_id = $1 AND lower(u.email) = lower($2)
-                   RETURNING m.role""", access.org_id, email)
-            if row is None:
-                raise NotFoundException(f"{email!r} is not a member")
-            if row["role"] == "owner" and access.role not in ("owner", "superuser"):
-                raise PermissionDeniedException("only an owner may remove an owner")
-            await _keep_an_owner(conn, access.org_id)
-            await audit(conn, "member.removed", actor=access.principal.user_id, org_id=access.org_id,
-                        target=email, detail={"role": row["role"]}, address=client_address(request),
-                        request_id=request_id(request))
-
-
-async def _keep_an_owner(conn: asyncpg.Connection, org_id: int) -> None:
-    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM memberships WHERE org_id = $1 AND role = 'owner')",
-                               org_id):
-        raise PermissionDeniedException("an organization keeps at least one owner")
+    async def remove_member(self, access: Access, orgs: Orgs, audit: AuditLog, email: FromPath[str]) -> None:
+        await orgs.remove_member(access, email, audit)

@@ -117,7 +117,7 @@ class CpuMeter:
 
 def api_sql() -> tuple[dict[str, str], str]:
     """The SQL of DataController.aggregate and .latest, as api/data.py defines it."""
-    from api.data import AGGREGATE_SQL, LATEST_SQL
+    from api.services.data import AGGREGATE_SQL, LATEST_SQL
 
     return {"aggregate": AGGREGATE_SQL, "latest": LATEST_SQL}, "api/data.py AGGREGATE_SQL, LATEST_SQL"
 

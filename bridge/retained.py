@@ -2,12 +2,19 @@
 
 A device may publish with the retain flag on any of its device->cloud topics, and the
 broker keeps one retained message per topic, replayed to every new subscriber: one device
-can fill the broker's memory (``commands/<anything>/result`` gives it unbounded topics).
-Mosquitto 2.0 cannot refuse that per topic: its dynamic-security ACL types
-(publishClientSend/Receive, subscribe*, unsubscribe*) do not look at the retain flag, and
-``retain_available false`` switches retained messages off for everyone, which would take
-away ``status`` (retained by design, the device's Last Will) and ``config`` (cloud->device,
-retained by design). So the bridge clears them.
+could fill the broker's memory (``commands/<anything>/result`` gives it unbounded topics).
+Mosquitto 2.0's dynamic-security ACL types (publishClientSend/Receive, subscribe*,
+unsubscribe*) do not look at the retain flag, and ``retain_available false`` switches
+retained messages off for everyone, which would take away ``status`` (retained by design,
+the device's Last Will) and ``config`` (cloud->device, retained by design).
+
+The broker refuses them first: the plugin lms_retain (mosquitto/plugin/lms_retain.c, loaded
+before dynamic-security by ``lms up`` and the tests) denies a device's retained PUBLISH or
+Will anywhere but ``status`` at publish time, so none is ever stored and memory stays
+bounded. This janitor stays behind it as defence in depth: it clears what a broker without
+the plugin took (compose.yaml when its plugin build is not used, an older broker's
+persistence file), which bounds how long such a message lives, not how much memory one
+device can take while it does.
 
 How: every ``LMS_BRIDGE_RETAINED_SWEEP_S`` seconds (and once at start, for what was
 retained while no bridge ran) a short connection of the service account subscribes to the

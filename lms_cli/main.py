@@ -8,12 +8,17 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lms_cli.localstack import StackError
 from lms_core.errors import LmsError
+
+if TYPE_CHECKING:
+    from lms_core.provisioning import Provisioner
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 
@@ -55,6 +60,29 @@ def cmd_env(args: argparse.Namespace) -> int:
         raise StackError(f"no local stack in {args.state}: run `lms up` first")
     for key, value in env.items():
         print(f"export {key}='{value}'")
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from lms_core.settings import README_END, README_START, Settings, declared, markdown_table
+
+    if args.update:
+        path = Path(args.update)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise StackError(f"cannot read {path}: {exc.strerror}") from None
+        start, end = text.find(README_START), text.find(README_END)
+        if start < 0 or end < start:
+            raise StackError(f"{path} has no {README_START} ... {README_END} markers")
+        head = text[:start + len(README_START)]
+        path.write_text(head + "\n" + markdown_table() + text[end:])
+        print(f"updated the settings table in {path}")
+    elif args.markdown:
+        print(markdown_table(), end="")
+    else:
+        for d in declared(Settings):
+            print(f"{d.var}  {d.meta.description}")
     return 0
 
 
@@ -135,24 +163,21 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def _provisioner_call(fn_name: str, *fn_args: Any, **fn_kwargs: Any) -> Any:
+def _provisioner_call(org: str, call: Callable[[Provisioner], Awaitable[T]]) -> T:
+    """Run ``call`` with a provisioner (a database pool and a broker connection, both closed
+    after); a missing organization ``org`` is told how to create it."""
     from lms_core import db
-    from lms_core.broker import BrokerAdmin
     from lms_core.errors import NotFound
     from lms_core.provisioning import Provisioner
-    from lms_core.topics import TopicScheme
 
     settings = _settings()
-    topics = TopicScheme(settings.topic_root)
 
-    async def main() -> Any:
+    async def main() -> T:
         async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool, \
-                BrokerAdmin(settings.mqtt, topics) as admin:
-            prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
+                Provisioner.open(settings, pool) as prov:
             try:
-                return await getattr(prov, fn_name)(*fn_args, **fn_kwargs)
+                return await call(prov)
             except NotFound as exc:
-                org = fn_args[0]
                 if str(exc).startswith(f"organization {org} "):  # say how to make one
                     raise NotFound(f"{exc}; create it first with `lms org create {org}`") from None
                 raise
@@ -178,14 +203,15 @@ def _print_credentials(creds: Any, as_json: bool, verb: str) -> None:
 
 def cmd_device(args: argparse.Namespace) -> int:
     if args.action == "create":
-        creds = _provisioner_call("create_device", args.org, args.device, args.name or "", create_org=False)
+        creds = _provisioner_call(args.org, lambda p: p.create_device(args.org, args.device, args.name or "",
+                                                                      create_org=False))
         _print_credentials(creds, args.json, "created")
     elif args.action == "rotate":
-        creds = _provisioner_call("rotate_credentials", args.org, args.device)
+        creds = _provisioner_call(args.org, lambda p: p.rotate_credentials(args.org, args.device))
         _print_credentials(creds, args.json, "has new credentials")
     else:
         enabled = args.action == "enable"
-        _provisioner_call("set_enabled", args.org, args.device, enabled)
+        _provisioner_call(args.org, lambda p: p.set_enabled(args.org, args.device, enabled))
         print(f"device {args.org}/{args.device} {'enabled' if enabled else 'disabled and disconnected'}")
     return 0
 
@@ -328,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")
     env.add_argument("--state", default=state_default)
     env.set_defaults(fn=cmd_env)
+
+    st = sub.add_parser("settings", help="list the LMS_* settings (the README's table is generated from them)")
+    st.add_argument("--markdown", action="store_true", help="print them as the README's Markdown table")
+    st.add_argument("--update", metavar="README", help="rewrite the table between the settings-table markers "
+                                                      "of this file")
+    st.set_defaults(fn=cmd_settings)
 
     sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
     sub.add_parser("bridge", help="run one bridge process (LMS_DATABASE_URL, LMS_MQTT_URL)").set_defaults(

@@ -21,7 +21,7 @@ API and administration commands use it under several ids, and it administers the
 anyway (it could create any login it wanted). It is the platform's own secret and is
 never handed to people.
 
-The database is the source of truth; :func:`lms_core.provisioning.reconcile` brings the
+The database is the source of truth; :meth:`lms_core.provisioning.Provisioner.reconcile` brings the
 broker in line with it.
 """
 
@@ -32,15 +32,19 @@ import base64
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 from lms_core.errors import BrokerError
 from lms_core.mqtt import AsyncMqttClient
 from lms_core.settings import MqttUrl
-from lms_core.topics import TopicScheme
+from lms_core.topics import SLUG, TopicScheme
+
+log = logging.getLogger("lms.broker")
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC = CONTROL_TOPIC + "/response"
@@ -59,7 +63,7 @@ def device_rolename(org: str, device: str) -> str:
     return f"{DEVICE_ROLE_PREFIX}{org}.{device}"
 
 
-_DEVICE_USER = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\.[a-z0-9][a-z0-9_-]{0,62}")
+_DEVICE_USER = re.compile(rf"{SLUG}\.{SLUG}")
 
 
 def is_device_client(username: str, roles: tuple[str, ...]) -> bool:
@@ -204,6 +208,12 @@ class BrokerAdmin:
         self._mqtt = AsyncMqttClient(url, client_id=client_id, on_message=self._on_message,
                                      name="broker-admin")
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # Every BrokerAdmin (each API request that provisions, each bridge, each CLI command)
+        # subscribes to the one response topic and so receives every other's answers. Ids
+        # unique to this instance keep them apart: with a shared "c1, c2, ..." an admin took
+        # another's answer, reported a failure the broker had not had (or the reverse), and
+        # left logins in the broker without a database row.
+        self._prefix = secrets.token_hex(8)
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
 
@@ -221,25 +231,30 @@ class BrokerAdmin:
 
     def _on_message(self, msg: Any) -> None:
         try:
-            body = json.loads(msg.payload)
+            # The plugin echoes names as stored; bytes that are not UTF-8 must not make the
+            # whole answer vanish (the caller would wait for its time-out, then fail).
+            body = json.loads(msg.payload.decode("utf-8", errors="replace"))
             responses = body["responses"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("unreadable answer from the dynamic-security plugin: %r", bytes(msg.payload[:200]))
             return
         for resp in responses:
+            if not isinstance(resp, dict):
+                continue
             fut = self._waiters.pop(str(resp.get("correlationData", "")), None)
             if fut is not None and not fut.done():
                 fut.set_result(resp)
 
     async def execute(self, commands: list[dict[str, Any]], *, timeout: float = 10,
                       ignore: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-        """Send commands in one message; return responses; raise on the first error not
-        whose text contains one of ``ignore``."""
+        """Send commands in one message; return responses; raise on the first error whose
+        text contains none of ``ignore``."""
         if not commands:
             return []
         loop = asyncio.get_running_loop()
         futures = []
         for cmd in commands:
-            cid = f"c{next(self._ids)}"
+            cid = f"{self._prefix}-{next(self._ids)}"
             cmd = {**cmd, "correlationData": cid}
             fut = loop.create_future()
             self._waiters[cid] = fut
@@ -329,13 +344,23 @@ class BrokerAdmin:
 
     async def delete_org_logins(self, org: str, devices: list[str], technicians: list[str]) -> None:
         """Delete every broker login of an organization: its devices' clients and roles, its
-        technicians' clients and its technician role. The plugin disconnects connected ones."""
-        cmds: list[dict[str, Any]] = []
-        for device in devices:
-            cmds.append({"command": "deleteClient", "username": device_username(org, device)})
-            cmds.append({"command": "deleteRole", "rolename": device_rolename(org, device)})
-        cmds += [{"command": "deleteClient", "username": u} for u in technicians]
-        cmds.append({"command": "deleteRole", "rolename": tech_rolename(org)})
+        technicians' clients and its technician role. The plugin disconnects connected ones.
+
+        Every client, then every role. Besides the logins the database knows, any broker
+        client holding one of the organization's roles goes too (one left by a failure
+        between the broker and the database): Mosquitto 2.0 frees a role that a client
+        still holds and then reads freed memory (eclipse/mosquitto#2660) - the review's
+        organization-delete race crashed the broker that way.
+        """
+        tech_role, device_role = tech_rolename(org), f"{DEVICE_ROLE_PREFIX}{org}."
+        clients = {device_username(org, d) for d in devices} | set(technicians)
+        for c in (await self.list_clients()).values():
+            if any(r == tech_role or r.startswith(device_role) for r in c.roles):
+                clients.add(c.username)
+        roles = {device_rolename(org, d) for d in devices} | {tech_role}
+        roles |= {r for r in await self.list_roles() if r.startswith(device_role)}
+        cmds: list[dict[str, Any]] = [{"command": "deleteClient", "username": u} for u in sorted(clients)]
+        cmds += [{"command": "deleteRole", "rolename": r} for r in sorted(roles)]
         for i in range(0, len(cmds), 200):  # one bounded message each (see reconcile)
             await self.execute(cmds[i : i + 200], ignore=("not found",))
 
@@ -359,6 +384,37 @@ class BrokerAdmin:
         for topic in retained_topics:
             # An empty retained message deletes the retained one (MQTT 3.1.1 3.3.1.3).
             await self._mqtt.publish(topic, b"", qos=1, retain=True)
+
+    async def clear_retained(self, topic_filter: str, *, quiet: float = 0.5, limit: float = 30) -> int:
+        """Delete every retained message under ``topic_filter``; return how many.
+
+        The broker replays retained messages to a new subscription (flag set) right after
+        the SUBACK; each is answered with an empty retained message. Done on a connection of
+        its own, so the answers to this admin's commands are not mixed with the replay.
+        """
+        found: list[str] = []
+        more = asyncio.Event()
+
+        def on_message(msg: Any) -> None:
+            if msg.retain and msg.payload:
+                found.append(msg.topic)
+                more.set()
+
+        cleared = 0
+        async with AsyncMqttClient(self._url, on_message=on_message, name="retained clear") as mqtt:
+            await mqtt.subscribe([topic_filter], qos=0)
+            deadline = asyncio.get_running_loop().time() + limit
+            while asyncio.get_running_loop().time() < deadline:
+                more.clear()
+                try:
+                    await asyncio.wait_for(more.wait(), quiet)
+                except TimeoutError:
+                    break
+            await mqtt.unsubscribe([topic_filter])
+            for topic in dict.fromkeys(found):
+                await mqtt.publish(topic, b"", qos=1, retain=True)
+                cleared += 1
+        return cleared
 
     async def delete_client(self, username: str) -> None:
         """Delete a client; connected sessions of it are disconnected by the plugin."""

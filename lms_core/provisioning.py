@@ -4,24 +4,26 @@ Device passwords are never stored. Each is ``HMAC-SHA256(secret, org/device/nonc
 with a random per-device nonce kept in the database, so that:
 
 * a stolen database alone reveals no password;
-* the broker's credentials can be rebuilt from the database (:func:`reconcile`) after
+* the broker's credentials can be rebuilt from the database (:meth:`Provisioner.reconcile`) after
   the broker's state is lost, without asking every device to be re-provisioned;
 * rotating credentials is a new nonce.
 
 Changing ``LMS_SECRET_KEY`` therefore changes every device's password the next time the
-broker is rebuilt; :func:`reconcile` only sets passwords for clients missing from the
+broker is rebuilt; :meth:`Provisioner.reconcile` only sets passwords for clients missing from the
 broker, so it does not lock devices out by itself.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import msgspec
@@ -42,6 +44,9 @@ from lms_core.broker import (
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme, check_slug
 
+if TYPE_CHECKING:
+    from lms_core.settings import Settings
+
 log = logging.getLogger("lms.provisioning")
 
 #: Reconcile holds this advisory lock exclusively from reading the database to its last
@@ -49,6 +54,11 @@ log = logging.getLogger("lms.provisioning")
 #: reconcile could delete a client created a moment ago (its row not yet committed) or
 #: re-enable a device being disabled.
 RECONCILE_LOCK = 0x4C4D5302
+
+#: Writes the audit record of a change (the API's): called with the change's connection and
+#: target inside the change's transaction, before the broker is touched, so that the change
+#: and its record commit together or not at all (a crash in between cannot lose the record).
+Record = Callable[[asyncpg.Connection, str], Awaitable[None]]
 
 
 class DeviceCredentials(msgspec.Struct, frozen=True):
@@ -76,6 +86,15 @@ class Provisioner:
     secret: str
     mqtt_url: str
 
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[Provisioner]:
+        """The one way to build a provisioner: with its own broker admin connection, opened
+        here and closed on exit (device changes are rare; a connection per change is cheap)."""
+        topics = TopicScheme(settings.topic_root)
+        async with BrokerAdmin(settings.mqtt, topics) as admin:
+            yield cls(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
+
     def _credentials(self, org: str, device: str, nonce: str) -> DeviceCredentials:
         user = device_username(org, device)
         return DeviceCredentials(
@@ -87,7 +106,8 @@ class Provisioner:
         )
 
     async def create_device(self, org: str, device: str, name: str = "", *, properties: str = "{}",
-                            tags: list[str] | None = None, create_org: bool = False) -> DeviceCredentials:
+                            tags: list[str] | None = None, create_org: bool = False,
+                            record: Record | None = None) -> DeviceCredentials:
         """Create the device and its broker credentials in an existing organization.
 
         ``create_org=True`` (tests and benchmarks only) also creates a missing organization;
@@ -122,13 +142,15 @@ class Provisioner:
             if device_id is None:
                 raise AlreadyExists(f"device {org}/{device} already exists")
             creds = self._credentials(org, device, nonce)
+            if record is not None:
+                await record(conn, device)
             # A leftover broker client of an earlier device of the same name is replaced.
             await self.admin.delete_device(org, device)
             await self.admin.create_device(org, device, creds.password)
         log.info("device created", extra={"org": org, "device": device})
         return creds
 
-    async def rotate_credentials(self, org: str, device: str) -> DeviceCredentials:
+    async def rotate_credentials(self, org: str, device: str, *, record: Record | None = None) -> DeviceCredentials:
         nonce = secrets.token_urlsafe(16)
         async with self.pool.acquire() as conn:
             tr = conn.transaction()
@@ -141,6 +163,8 @@ class Provisioner:
                 await _update_device(conn, org, device, "credential_nonce = $3, credentials_rotated_at = now()",
                                      nonce)
                 creds = self._credentials(org, device, nonce)
+                if record is not None:
+                    await record(conn, device)
                 await self.admin.set_device_password(org, device, creds.password)
             except BaseException:
                 await tr.rollback()
@@ -154,16 +178,18 @@ class Provisioner:
                 raise
         return creds
 
-    async def set_enabled(self, org: str, device: str, enabled: bool) -> None:
+    async def set_enabled(self, org: str, device: str, enabled: bool, *, record: Record | None = None) -> None:
         """Enable or disable a device; disabling disconnects it at once."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
             await _update_device(conn, org, device, "enabled = $3", enabled)
+            if record is not None:
+                await record(conn, device)
             await self.admin.set_device_enabled(org, device, enabled)
         log.info("device %s", "enabled" if enabled else "disabled", extra={"org": org, "device": device})
 
     async def create_technician(self, org_id: int, org: str, label: str, expires_at: Any,
-                                created_by: int | None) -> tuple[int, str, str]:
+                                created_by: int | None, *, record: Record | None = None) -> tuple[int, str, str]:
         """A subscribe-only broker login for one organization: (id, username, password)."""
         nonce = secrets.token_urlsafe(16)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -174,10 +200,12 @@ class Provisioner:
             username = f"tech.{org}.{cred_id}"
             await conn.execute("UPDATE mqtt_credentials SET username = $2 WHERE id = $1", cred_id, username)
             password = derive_password(self.secret, "tech", username, nonce)
+            if record is not None:
+                await record(conn, username)
             await self.admin.create_technician(org, username, password)
         return int(cred_id), username, password
 
-    async def revoke_technician(self, org_id: int, cred_id: int) -> bool:
+    async def revoke_technician(self, org_id: int, cred_id: int, *, record: Record | None = None) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
             username = await conn.fetchval(
@@ -185,6 +213,8 @@ class Provisioner:
                    AND revoked_at IS NULL RETURNING username""", cred_id, org_id)
             if username is None:
                 return False
+            if record is not None:
+                await record(conn, str(cred_id))
             await self.admin.delete_client(username)
         return True
 
@@ -199,7 +229,8 @@ class Provisioner:
                 await self.admin.delete_client(r["username"])
         return len(names)
 
-    async def delete_device(self, org: str, device: str, *, purge: bool = False) -> None:
+    async def delete_device(self, org: str, device: str, *, purge: bool = False,
+                            record: Record | None = None) -> None:
         """Delete a device and its broker credentials; ``purge`` also deletes its data."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
@@ -211,14 +242,17 @@ class Provisioner:
             if purge:
                 await conn.execute("DELETE FROM readings WHERE device_id = $1", dev_id)
                 await conn.execute("DELETE FROM events WHERE device_id = $1", dev_id)
+            if record is not None:
+                await record(conn, device)
             await self.admin.delete_device(org, device)
             # A device created later under the same slugs must not resume this one's session
             # (its queued commands) nor show its retained status and config.
             await self.admin.forget([device_username(org, device)],
                                     [f"{self.topics.device_prefix(org, device)}/{k}" for k in ("status", "config")])
+            await self.admin.clear_retained(f"{self.topics.device_prefix(org, device)}/#")
         log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
 
-    async def delete_org(self, org_id: int, org: str) -> None:
+    async def delete_org(self, org_id: int, org: str, *, record: Record | None = None) -> None:
         """Delete an organization with its devices, data, quarantine and every broker login
         of it; connected logins are disconnected, and their sessions and retained messages
         discarded, before this returns.
@@ -241,10 +275,16 @@ class Provisioner:
                                org_id)
             await conn.execute("DELETE FROM quarantine WHERE org_id = $1", org_id)
             await conn.execute("DELETE FROM organizations WHERE id = $1", org_id)
+            if record is not None:
+                await record(conn, org)
             await self.admin.delete_org_logins(org, devices, techs)
             await self.admin.forget(
                 [device_username(org, d) for d in devices] + techs,
                 [f"{self.topics.device_prefix(org, d)}/{kind}" for d in devices for kind in ("status", "config")])
+            # Whatever else is retained under the organization (a command result, reported
+            # config, telemetry retained before the broker refused it): a later organization
+            # of the same slug must not be handed any of it.
+            await self.admin.clear_retained(f"{self.topics.root}/{org}/#")
         log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
 
     async def reconcile(self) -> dict[str, int]:

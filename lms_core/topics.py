@@ -8,7 +8,11 @@ from enum import StrEnum
 
 from lms_core.errors import InvalidInput
 
-SLUG_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+#: An organization's or device's slug, written once: matched here, anchored for the API's
+#: input types (``SLUG_PATTERN``), and joined into broker usernames (lms_core/broker.py).
+SLUG = r"[a-z0-9][a-z0-9_-]{0,62}"
+SLUG_PATTERN = rf"^{SLUG}$"
+SLUG_RE = re.compile(SLUG)
 
 #: Topic kinds a device publishes (device -> cloud), after ``{root}/{org}/{device}/``.
 DEVICE_PUBLISHES = ("telemetry", "status", "events", "config/reported", "commands/+/result")
@@ -42,7 +46,8 @@ class TopicScheme:
         return [f"{prefix}/{kind}" for kind in DEVICE_SUBSCRIBES]
 
     def ingest_filters(self) -> list[str]:
-        """What the bridge subscribes to (each behind ``$share/<group>/``)."""
+        """What the bridge subscribes to: directly, or each behind ``$share/<group>/`` when
+        several bridges share the load (``LMS_BRIDGE_SUBSCRIPTION=shared``)."""
         return [
             f"{self.root}/+/+/telemetry",
             f"{self.root}/+/+/status",

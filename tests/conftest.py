@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from tests.harness import ApiProcess, BridgeProcess, Stack
+
+# Property-based tests are derandomized by default, so CI is red or green by the code alone;
+# `HYPOTHESIS_PROFILE=random` draws new examples (the longer run before a release, see README).
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True)
+hypothesis_settings.register_profile("random", derandomize=False, print_blob=True)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _names = itertools.count(1)
 
@@ -49,6 +57,17 @@ def api(stack: Stack) -> ApiProcess:
 def own_stack(tmp_root: Path) -> Iterator[Stack]:
     """A stack of its own, for tests that kill or stop its parts."""
     s = Stack(tmp_root / f"own-{next(_names)}").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def stack_without_retain_plugin(tmp_root: Path) -> Iterator[Stack]:
+    """A stack of its own whose broker lacks the lms_retain plugin (compose.yaml without its
+    plugin build): for what the bridge itself does about retained messages."""
+    s = Stack(tmp_root / f"own-{next(_names)}")
+    s.mq.retain_plugin = False
+    s.start()
     yield s
     s.stop()
 

@@ -92,12 +92,13 @@ def test_qos0_from_one_device_does_not_double_another_devices_readings(
 
 
 def test_retained_telemetry_and_status_are_not_replayed_at_each_bridge_restart(
-        own_stack: Stack, unique: str) -> None:
+        stack_without_retain_plugin: Stack, unique: str) -> None:
     """The bridge subscribes again (MQTT 3.1.1) at every connection, so the broker resends every
     retained message on its topics each time. The bridge ignores ``msg.retain``: a retained flat
     telemetry message becomes a new reading at every bridge restart/reconnect, and the retained
-    status (retained by design) becomes a new status event and resets status_changed_at."""
-    s = own_stack
+    status (retained by design) becomes a new status event and resets status_changed_at.
+    On a broker without the lms_retain plugin, which refuses the retained telemetry itself."""
+    s = stack_without_retain_plugin
     bridge = s.start_bridge("rv-bridge")
     dev = Device(s.mq.port, s.create_device(unique, "ret"))
     assert dev.connect().value == 0

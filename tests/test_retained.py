@@ -1,8 +1,11 @@
 """Issue 6.7: a device cannot fill the broker with retained messages.
 
 Only ``status`` (the device's, retained by design) and ``config`` (the platform's,
-cloud->device, retained by design) keep a retained message; the bridge's janitor clears
-any other a device leaves, including those retained before the bridge started.
+cloud->device, retained by design) keep a retained message. The broker plugin lms_retain
+refuses the others at publish time (tests/test_retain_plugin.py); behind it, the bridge's
+janitor clears any a device leaves where the plugin is not loaded (compose.yaml without
+its plugin build), including those retained before the bridge started: tested here on a
+broker without the plugin.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def retained_now(stack: Stack, topic: str) -> dict[str, bytes]:
     return got
 
 
-def test_retained_messages_outside_status_are_cleared(own_stack: Stack) -> None:
-    s = own_stack
+def test_retained_messages_outside_status_are_cleared(stack_without_retain_plugin: Stack) -> None:
+    s = stack_without_retain_plugin
     creds = s.create_device("ret", "d1")
     prefix = creds.topic_prefix
     dev = Device(s.mq.port, creds)

@@ -24,6 +24,12 @@ def test_defaults_and_overrides() -> None:
     assert s.bridge.subscription == "exclusive" and s.limits.max_metrics == 200
     s = Settings.from_env({**BASE, "LMS_MAX_METRICS": "5", "LMS_BRIDGE_SUBSCRIPTION": "SHARED"})
     assert s.limits.max_metrics == 5 and s.bridge.subscription == "shared"
+    assert not s.api.cookie_secure and Settings.from_env({**BASE, "LMS_ENV": "Production"}).api.cookie_secure
+    assert not Settings.from_env({**BASE, "LMS_ENV": "production", "LMS_API_COOKIE_SECURE": "off"}).api.cookie_secure
+    s = Settings.from_env({**BASE, "LMS_API_TRUSTED_PROXIES": " 10.0.0.1, ,fd00::/8", "LMS_LOG_LEVEL": "debug",
+                           "LMS_MAX_DEPTH": "", "LMS_API_CORS_ORIGINS": "https://a.example,http://b:8080"})
+    assert s.api.trusted_proxies == ("10.0.0.1", "fd00::/8") and s.log_level == "DEBUG" and s.limits.max_depth == 8
+    assert s.api.cors_origins == ("https://a.example", "http://b:8080")
 
 
 @pytest.mark.parametrize("env, message", [
@@ -42,6 +48,11 @@ def test_defaults_and_overrides() -> None:
     ({"LMS_ENV": "staging"}, "LMS_ENV must be one of"),
     ({"LMS_API_TRUSTED_PROXIES": "10.0.0.1, lb.example"}, "not an address or network"),
     ({"LMS_API_CORS_ORIGINS": "dash.example.com"}, "is not an origin"),
+    ({"LMS_BRIDGE_BATCH_SIZE": "x"}, r"^LMS_BRIDGE_BATCH_SIZE must be an integer between 1 and 100000, got 'x'$"),
+    ({"LMS_API_REGISTRATION": "yes"}, r"^LMS_API_REGISTRATION must be one of off, on, got 'yes'$"),
+    ({"LMS_TOPIC_ROOT": "lms\n"}, "LMS_TOPIC_ROOT must match"),
+    # Every declared variable is checked when set, this one too (it was read only without a secret).
+    ({"LMS_DEV_INSECURE_SECRET": "yes"}, "LMS_DEV_INSECURE_SECRET must be one of 0, 1"),
 ])
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
@@ -177,3 +188,15 @@ def test_a_listed_superseded_checksum_is_accepted_and_replaced(stack: Stack, tmp
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_a_bad_broker_url_is_reported_without_its_password() -> None:
+    import pytest
+
+    from lms_core.errors import SettingsError
+    from lms_core.settings import MqttUrl
+
+    for url in ("mqtt://svc:s3cr3t-pw@host:notaport", "http://svc:s3cr3t-pw@host:1883", "mqtt://svc:s3cr3t-pw@:1883"):
+        with pytest.raises(SettingsError) as err:
+            MqttUrl.parse(url)
+        assert "s3cr3t-pw" not in str(err.value) and "svc:***@" in str(err.value), str(err.value)

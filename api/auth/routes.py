@@ -9,25 +9,13 @@ import msgspec
 from litestar import Controller, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.di import Provide
-from litestar.exceptions import NotAuthorizedException, PermissionDeniedException, TooManyRequestsException
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.auth.service import InvalidCredentials, RegistrationClosed, TooManyAttempts
-from api.deps import (
-    CSRF_COOKIE,
-    SESSION_COOKIE,
-    Auth,
-    Me,
-    Req,
-    client_address,
-    provide_auth,
-    provide_principal,
-    provide_user_session,
-    request_id,
-)
-from api.errors import error_response
+from api.auth.backend import CSRF_COOKIE, SECURITY, SESSION_COOKIE
+from api.auth.service import Session
+from api.deps import AuditLog, Auth, Me, Req, UserSession, provide_principal, provide_user_session
 
 #: users.email allows 254 characters (RFC 5321's limit); longer is a 422 here, not a 500 there.
 Email = Annotated[str, Meta(max_length=254)]
@@ -66,34 +54,21 @@ class LoginResult(msgspec.Struct):
 class AuthController(Controller):
     path = "/api/v1/auth"
     tags = ["auth"]
-    dependencies = {"auth": Provide(provide_auth)}
 
-    @post("/register", status_code=HTTP_201_CREATED)
-    async def register(self, request: Req, data: JSONBody[Credentials], auth: Auth) -> User:
+    @post("/register", status_code=HTTP_201_CREATED, opt={"exclude_from_auth": True})
+    async def register(self, data: JSONBody[Credentials], auth: Auth, audit: AuditLog) -> User:
         """Create an account (if self-service registration is on: LMS_API_REGISTRATION),
         at most LMS_API_REGISTRATION_MAX_PER_ADDRESS per client address and window."""
-        try:
-            user_id = await auth.register(data.email, data.password, address=client_address(request),
-                                          request_id=request_id(request))
-        except RegistrationClosed as exc:
-            raise PermissionDeniedException(str(exc)) from None
-        except TooManyAttempts as exc:
-            raise TooManyRequestsException(str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+        user_id = await auth.register(data.email, data.password, audit=audit)
         return User(id=user_id, email=data.email.strip(), is_superuser=False)
 
-    @post("/login", status_code=200)
-    async def login(self, request: Req, data: JSONBody[LoginRequest],
-                    auth: Auth) -> Response[Any]:
+    @post("/login", status_code=200, opt={"exclude_from_auth": True})
+    async def login(self, request: Req, data: JSONBody[LoginRequest], auth: Auth,
+                    audit: AuditLog) -> Response[Any]:
         """Exchange email and password for an access token, also set as an HTTP-only cookie.
 
         ``remember``: the token and cookie last 30 days instead of 1 hour."""
-        try:
-            token, claims, user = await auth.login(data.email, data.password, remember=data.remember,
-                                                   address=client_address(request), request_id=request_id(request))
-        except TooManyAttempts as exc:
-            return error_response(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
-        except InvalidCredentials as exc:
-            raise NotAuthorizedException(str(exc)) from None
+        token, claims, user = await auth.login(data.email, data.password, remember=data.remember, audit=audit)
         csrf = auth.csrf_token(claims.jti)
         ttl = claims.expires_at - int(time.time())
         secure = auth.settings.cookie_secure or request.url.scheme == "https"
@@ -107,26 +82,24 @@ class AuthController(Controller):
                            user=User(**user), csrf_token=csrf)
         return Response(body, cookies=cookies)
 
-    @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)})
-    async def logout(self, request: Req, me: Me, auth: Auth) -> Response[None]:
+    @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)},
+          security=SECURITY)
+    async def logout(self, me: UserSession, auth: Auth, audit: AuditLog) -> Response[None]:
         """Revoke the token used for this request and clear the cookies."""
-        await auth.logout(me, address=client_address(request), request_id=request_id(request))
+        await auth.logout(me, audit=audit)
         return Response(None, status_code=HTTP_204_NO_CONTENT, cookies=[
             Cookie(key=SESSION_COOKIE, value="", max_age=0, path="/", httponly=True, samesite="lax"),
             Cookie(key=CSRF_COOKIE, value="", max_age=0, path="/", samesite="lax"),
         ])
 
-    @get("/me", dependencies={"me": Provide(provide_principal)})
+    @get("/me", dependencies={"me": Provide(provide_principal)}, security=SECURITY)
     async def me(self, me: Me) -> User:
-        """The authenticated user."""
-        return User(id=me.user_id, email=me.email, is_superuser=me.is_superuser)
+        """The authenticated user (an API key's creator)."""
+        return User(id=me.user_id, email=me.email, is_superuser=isinstance(me, Session) and me.is_superuser)
 
-    @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)})
-    async def change_password(self, request: Req, data: JSONBody[PasswordChange], me: Me,
-                              auth: Auth) -> None:
+    @post("/password", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)},
+          security=SECURITY)
+    async def change_password(self, data: JSONBody[PasswordChange], me: UserSession, auth: Auth,
+                              audit: AuditLog) -> None:
         """Change the password; every token issued before (all sessions) stops working."""
-        try:
-            await auth.change_password(me, data.current_password, data.new_password,
-                                       address=client_address(request), request_id=request_id(request))
-        except InvalidCredentials as exc:
-            raise PermissionDeniedException(str(exc)) from None
+        await auth.change_password(me, data.current_password, data.new_password, audit=audit)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import re
 import secrets
@@ -36,6 +35,8 @@ from typing import Any
 import asyncpg
 
 from api.auth import passwords, tokens
+from api.services.audit import Audit, audit
+from api.services.errors import InvalidCredentials, RegistrationClosed, TooManyAttempts, WrongPassword
 from lms_core.errors import AlreadyExists, InvalidInput, LmsError
 from lms_core.settings import ApiSettings
 
@@ -44,20 +45,6 @@ log = logging.getLogger("lms.api.auth")
 EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s.]{2,63}")
 MIN_PASSWORD = 10
 MAX_PASSWORD = 256
-
-
-class InvalidCredentials(LmsError):
-    pass
-
-
-class TooManyAttempts(LmsError):
-    def __init__(self, retry_after: int, message: str = "too many failed logins; try again later") -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RegistrationClosed(LmsError):
-    pass
 
 
 #: Advisory-lock namespaces (the first key of pg_advisory_xact_lock(int, int)). Every login
@@ -70,22 +57,40 @@ _LOCK_WAIT_MS = 5000
 _SWEEP_CHUNK = 10_000
 
 
-@dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: a user, authenticated by a token in a header or a cookie."""
+    """Whoever calls: ``request.user`` of every authenticated request (api/auth/backend.py),
+    a :class:`Session` or an :class:`ApiKeyPrincipal`.
+
+    A base class, not a ``Session | ApiKeyPrincipal`` union: Litestar validates dependencies
+    with msgspec, which takes no union of two dataclasses."""
+
+    __slots__ = ()
+    user_id: int  # the user acting (an API key's creator)
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class Session(Principal):
+    """A user, by an access token: in the Authorization header or the session cookie."""
 
     user_id: int
     email: str
     is_superuser: bool
-    via: str  # "bearer" | "cookie" | "api_key"
-    jti: str
+    jti: str  # the token's id: logout revokes it; the session's CSRF token is derived from it
     expires_at: int
-    key_id: int | None = None  # an API key: valid for one organization, with the key's role
-    key_org_id: int | None = None
-    key_role: str | None = None
-    # The key's creator's current role in that organization ("superuser" for a platform
-    # superuser): a key never does more than its creator could today (api.access).
-    key_creator_role: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyPrincipal(Principal):
+    """A script or integration, by an API key: valid for one organization, with the key's
+    role, never more than its creator may do there today (api.access)."""
+
+    key_id: int
+    user_id: int  # the key's creator: audit rows and export slots count for them
+    email: str
+    org_id: int
+    role: str
+    creator_role: str  # the creator's current role there ("superuser" for a platform superuser)
 
 
 def hash_key(secret: str) -> str:
@@ -113,16 +118,6 @@ def check_password(password: str) -> str:
     return password
 
 
-async def audit(conn: asyncpg.Connection | asyncpg.Pool, action: str, *, actor: int | None = None,
-                org_id: int | None = None, target: str | None = None, detail: dict[str, Any] | None = None,
-                address: str | None = None, request_id: str | None = None) -> None:
-    await conn.execute(
-        """INSERT INTO audit_log (action, actor_user_id, org_id, target, detail, address, request_id)
-           VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7)""",
-        action, actor, org_id, target, json.dumps(detail or {}), address, request_id,
-    )
-
-
 class AuthService:
     def __init__(self, pool: asyncpg.Pool, settings: ApiSettings, secret: str) -> None:
         self.pool = pool
@@ -147,13 +142,14 @@ class AuthService:
                         address=address, request_id=request_id)
         return int(user_id)
 
-    async def register(self, email: str, password: str, *, address: str, request_id: str | None = None) -> int:
+    async def register(self, email: str, password: str, *, audit: Audit) -> int:
         """Self-service sign-up: refused when turned off, limited per client address."""
         if not self.settings.registration:
             raise RegistrationClosed("registration is turned off; ask an administrator for an account")
         email = check_email(email)
         check_password(password)
         s = self.settings
+        address = audit.address
         async with self.pool.acquire() as conn, conn.transaction():
             # Count-and-record under a lock per address, so a burst through several API
             # processes cannot all pass the count. Every attempt counts, duplicates included.
@@ -166,11 +162,12 @@ class AuthService:
                 raise TooManyAttempts(_retry_after(oldest, s.registration_window_s),
                                       "too many sign-ups from this address; try again later")
             await conn.execute("INSERT INTO registration_attempts (address) VALUES ($1)", address)
-        return await self.create_user(email, password, address=address, request_id=request_id)
+        return await self.create_user(email, password, address=address, request_id=audit.request_id)
 
-    async def login(self, email: str, password: str, *, remember: bool, address: str,
-                    request_id: str | None = None) -> tuple[str, tokens.Claims, dict[str, Any]]:
+    async def login(self, email: str, password: str, *, remember: bool,
+                    audit: Audit) -> tuple[str, tokens.Claims, dict[str, Any]]:
         s = self.settings
+        address = audit.address
         target = email[:254]
         async with self.pool.acquire() as conn, conn.transaction():
             # Account first, then address: the same order everywhere, so no deadlock.
@@ -199,8 +196,7 @@ class AuthService:
             if since is not None:
                 # Held by the address alone: one row for the address, whatever emails it tries
                 # (a row per email would let it write as many rows as it invents addresses).
-                await self._audit_throttled(conn, "*" if limit == "address" else target.lower(), address,
-                                            limit, request_id)
+                await self._audit_throttled(conn, "*" if limit == "address" else target.lower(), limit, audit)
             else:
                 # Recorded as a failure now, under the lock; a success deletes it again.
                 await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", target, address)
@@ -215,8 +211,7 @@ class AuthService:
         ok = await passwords.verify_password(user["password_hash"] if user else None, password)
         async with self.pool.acquire() as conn, conn.transaction():
             if not ok or user is None:
-                await audit(conn, "auth.login.failed", actor=user["id"] if user else None, target=target,
-                            address=address, request_id=request_id)
+                await audit.write(conn, "auth.login.failed", actor=user["id"] if user else None, target=target)
             else:
                 # Only this address's failures: a success elsewhere must not give an attacker
                 # at another address a fresh allowance.
@@ -226,8 +221,8 @@ class AuthService:
                     """INSERT INTO login_known_addresses (user_id, address) VALUES ($1, $2)
                        ON CONFLICT (user_id, address) DO UPDATE SET last_success_at = now()""",
                     user["id"], address)
-                await audit(conn, "auth.login", actor=user["id"], target=user["email"],
-                            detail={"remember": remember}, address=address, request_id=request_id)
+                await audit.write(conn, "auth.login", actor=user["id"], target=user["email"],
+                                  detail={"remember": remember})
         if not ok or user is None:
             # Each further failure answers a little later: guessing gets slower still.
             await asyncio.sleep(min(0.1 * (c["pair"] + 1), 1.0))
@@ -236,8 +231,7 @@ class AuthService:
         token, claims = tokens.issue(self.key, user["id"], user["token_version"], ttl)
         return token, claims, {"id": user["id"], "email": user["email"], "is_superuser": user["is_superuser"]}
 
-    async def _audit_throttled(self, conn: asyncpg.Connection, target: str, address: str, limit: str,
-                               request_id: str | None) -> None:
+    async def _audit_throttled(self, conn: asyncpg.Connection, target: str, limit: str, audit: Audit) -> None:
         """One audit row per (account, address) and window, counting the throttled attempts."""
         bumped = await conn.fetchval(
             """UPDATE audit_log SET detail = jsonb_set(detail, '{count}', to_jsonb((detail->>'count')::int + 1))
@@ -245,17 +239,16 @@ class AuthService:
                            AND address = $2 AND at > now() - make_interval(secs => $3)
                            ORDER BY at DESC LIMIT 1)
                RETURNING id""",
-            target, address, float(self.settings.login_window_s))
+            target, audit.address, float(self.settings.login_window_s))
         if bumped is None:
-            await audit(conn, "auth.login.throttled", target=target, address=address,
-                        detail={"count": 1, "limit": limit}, request_id=request_id)
+            await audit.write(conn, "auth.login.throttled", target=target, detail={"count": 1, "limit": limit})
 
     def csrf_token(self, jti: str) -> str:
         """The CSRF token of the session whose access token has ``jti``: another session's
         token (or one planted by a sibling subdomain) does not match."""
         return tokens.csrf_token(self.csrf_key, jti)
 
-    async def principal(self, token: str, via: str) -> Principal | None:
+    async def principal(self, token: str) -> Session | None:
         """The caller behind a token, or None when the token is invalid, expired or revoked."""
         try:
             claims = tokens.decode(self.key, token)
@@ -269,10 +262,10 @@ class AuthService:
         )
         if row is None or row["revoked"] or row["token_version"] != claims.version:
             return None
-        return Principal(user_id=claims.user_id, email=row["email"], is_superuser=row["is_superuser"], via=via,
-                         jti=claims.jti, expires_at=claims.expires_at)
+        return Session(user_id=claims.user_id, email=row["email"], is_superuser=row["is_superuser"],
+                       jti=claims.jti, expires_at=claims.expires_at)
 
-    async def key_principal(self, key: str) -> Principal | None:
+    async def key_principal(self, key: str) -> ApiKeyPrincipal | None:
         """The caller behind an API key ``lms_<prefix>_<secret>``, or None."""
         parts = key.split("_")
         if len(parts) != 3 or parts[0] != "lms" or not parts[1] or not parts[2]:
@@ -293,34 +286,30 @@ class AuthService:
         await self.pool.execute(
             """UPDATE api_keys SET last_used_at = now() WHERE id = $1
                AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')""", row["id"])
-        return Principal(user_id=row["user_id"], email=row["email"], is_superuser=False, via="api_key", jti="",
-                         expires_at=0, key_id=row["id"], key_org_id=row["org_id"], key_role=row["role"],
-                         key_creator_role=row["creator_role"])
+        return ApiKeyPrincipal(key_id=row["id"], user_id=row["user_id"], email=row["email"], org_id=row["org_id"],
+                               role=row["role"], creator_role=row["creator_role"])
 
-    async def logout(self, p: Principal, *, address: str, request_id: str | None = None) -> None:
+    async def logout(self, p: Session, *, audit: Audit) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, to_timestamp($2)) ON CONFLICT DO NOTHING",
                 p.jti, p.expires_at,
             )
             await conn.execute("DELETE FROM revoked_tokens WHERE expires_at < now()")
-            await audit(conn, "auth.logout", actor=p.user_id, target=p.email, address=address,
-                        request_id=request_id)
+            await audit.write(conn, "auth.logout", actor=p.user_id, target=p.email)
 
-    async def change_password(self, p: Principal, current: str, new: str, *, address: str,
-                              request_id: str | None = None) -> None:
+    async def change_password(self, p: Session, current: str, new: str, *, audit: Audit) -> None:
         check_password(new)
         stored = await self.pool.fetchval("SELECT password_hash FROM users WHERE id = $1", p.user_id)
         if not await passwords.verify_password(stored, current):
-            raise InvalidCredentials("the current password is wrong")
+            raise WrongPassword("the current password is wrong")
         hashed = await passwords.hash_password(new)
         async with self.pool.acquire() as conn, conn.transaction():
             # A new token version revokes every token issued before, on every device.
             await conn.execute(
                 "UPDATE users SET password_hash = $2, token_version = token_version + 1, updated_at = now() "
                 "WHERE id = $1", p.user_id, hashed)
-            await audit(conn, "auth.password.changed", actor=p.user_id, target=p.email, address=address,
-                        request_id=request_id)
+            await audit.write(conn, "auth.password.changed", actor=p.user_id, target=p.email)
 
 
 async def _lock(conn: asyncpg.Connection, *keys: tuple[int, str]) -> None:

@@ -1,0 +1,362 @@
+"""Readings, aggregates, latest values, events, exports and the quarantine of an
+organization's devices.
+
+Every query is per device and rides the unique index (device_id, metric, time DESC);
+aggregates use ``date_bin`` (plain PostgreSQL and TimescaleDB alike). Raw lists page by
+keyset (an opaque cursor), never by offset. Exports stream from a server-side cursor
+(``Export``; the HTTP side, which cuts off a stalled reader, is in api/data.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+
+from api.inputs import unstorable
+from api.services.errors import RateLimited
+from lms_core.errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from api.access import OrgAccess
+
+MAX_SPAN = timedelta(days=400)
+MAX_BUCKETS = 20_000
+_BUCKET = re.compile(r"(\d{1,5})(s|m|h|d)")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+AGGREGATES = ("avg", "min", "max", "count", "last")
+
+
+class Reading(msgspec.Struct):
+    time: datetime
+    metric: str
+    value: float | None
+    text: str | None
+
+
+class ReadingPage(msgspec.Struct):
+    items: list[Reading]
+    next: str | None
+
+
+class Bucket(msgspec.Struct, omit_defaults=True):
+    bucket: datetime
+    metric: str
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    count: int | None = None
+    last: float | None = None
+
+
+class Event(msgspec.Struct):
+    time: datetime
+    type: str
+    data: dict[str, Any]
+
+
+class EventPage(msgspec.Struct):
+    items: list[Event]
+    next: str | None
+
+
+class Quarantined(msgspec.Struct):
+    id: int
+    received_at: datetime
+    topic: str
+    device: str | None
+    reason: str
+    payload: str  # base64: payloads are not always text
+    size: int
+
+
+class QuarantinePage(msgspec.Struct):
+    items: list[Quarantined]
+    next: int | None
+
+
+def _window(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    end = _aware(end) if end else datetime.now(UTC)
+    start = _aware(start) if start else end - timedelta(days=1)
+    if start >= end:
+        raise InvalidInput("'from' must be before 'to'")
+    if end - start > MAX_SPAN:
+        raise InvalidInput(f"the time range may span at most {MAX_SPAN.days} days")
+    return start, end
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def _cursor(*parts: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts, default=str).encode()).decode()
+
+
+def _uncursor(cursor: str | None) -> tuple[datetime, str] | None:
+    """The (time, name) a cursor of :func:`_cursor` holds; anything else is the caller's
+    error, however it was forged (not base64, not JSON, wrong shapes or types, NUL)."""
+    if not cursor:
+        return None
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        if not (isinstance(parts, list) and len(parts) == 2 and isinstance(parts[0], str)
+                and isinstance(parts[1], str) and not unstorable(parts[1])):
+            raise ValueError
+        return _aware(datetime.fromisoformat(parts[0])), parts[1]
+    except (ValueError, TypeError):
+        raise InvalidInput("the cursor is not one this API issued") from None
+
+
+def parse_bucket(text: str) -> timedelta:
+    m = _BUCKET.fullmatch(text)
+    if not m:
+        raise InvalidInput("bucket must look like 30s, 5m, 1h or 1d")
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if not 1 <= seconds <= 86400:
+        raise InvalidInput("bucket must be between 1s and 1d")
+    return timedelta(seconds=seconds)
+
+
+#: The metrics of one device, by a loose index scan: one index probe per metric.
+_METRICS_SQL = """
+    WITH RECURSIVE m(metric) AS (
+        (SELECT metric FROM readings WHERE device_id = $1 ORDER BY metric LIMIT 1)
+        UNION ALL
+        SELECT (SELECT r.metric FROM readings r WHERE r.device_id = $1 AND r.metric > m.metric
+                ORDER BY r.metric LIMIT 1)
+        FROM m WHERE m.metric IS NOT NULL)
+    SELECT metric FROM m WHERE metric IS NOT NULL"""
+
+
+#: The newest reading of each metric of device $1.
+LATEST_SQL = f"""
+    WITH metrics AS ({_METRICS_SQL})
+    SELECT l.* FROM metrics m CROSS JOIN LATERAL (
+        SELECT time, metric, value, text_value FROM readings r
+        WHERE r.device_id = $1 AND r.metric = m.metric ORDER BY time DESC LIMIT 1) l
+    ORDER BY l.metric"""
+
+#: Buckets of width $4 from $2 to $3 for device $1 and the metrics $5.
+AGGREGATE_SQL = """
+    SELECT date_bin($4::interval, time, $2) AS bucket, metric, avg(value) AS avg, min(value) AS min,
+           max(value) AS max, count(*) AS count, (array_agg(value ORDER BY time DESC))[1] AS last
+    FROM readings
+    WHERE device_id = $1 AND metric = ANY ($5::text[]) AND time >= $2 AND time < $3
+    GROUP BY 1, 2 ORDER BY 1, 2"""
+
+
+async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list[str]:
+    """The metrics to query, always as a list: ``metric = ANY($n)`` then bounds the index
+    (device_id, metric, time) by time for each of them. An "all metrics" query written as
+    ``$n IS NULL OR metric = ANY($n)`` cannot, and once asyncpg's prepared statement gets
+    PostgreSQL's generic plan it walks the device's whole history (bench/api_queries.py)."""
+    if wanted:
+        return wanted
+    return [r["metric"] for r in await pool.fetch(_METRICS_SQL, dev_id)]
+
+
+
+#: Rows per fetch from the export cursor and per chunk written to the client.
+EXPORT_CHUNK_ROWS = 2000
+#: A hint only: exports finish or are cut off within the stall time.
+EXPORT_RETRY_AFTER_S = 5
+
+_EXPORT_SQL = """SELECT time, metric, value, text_value FROM readings
+                 WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
+                 ORDER BY time, metric"""
+
+
+class ExportSlots:
+    """Exports streaming now, per API process and per user (an API key counts for the user
+    who made it). Taken without waiting: a request over the limit is refused at once, so
+    no request ever queues behind an export. One event loop: no lock is needed."""
+
+    def __init__(self, per_process: int, per_user: int) -> None:
+        self.per_process = per_process
+        self.per_user = per_user
+        self.active = 0
+        self.by_user: dict[int, int] = {}
+
+    def take(self, user_id: int) -> bool:
+        if self.active >= self.per_process or self.by_user.get(user_id, 0) >= self.per_user:
+            return False
+        self.active += 1
+        self.by_user[user_id] = self.by_user.get(user_id, 0) + 1
+        return True
+
+    def give(self, user_id: int) -> None:
+        self.active -= 1
+        left = self.by_user[user_id] - 1
+        if left:
+            self.by_user[user_id] = left
+        else:
+            del self.by_user[user_id]
+
+
+class Export:
+    """One export: a connection of the export pool, a read-only transaction with a server-side
+    cursor, and the slot it holds. :meth:`close` gives all of them back, once."""
+
+    def __init__(self, pool: Any, conn: Any, tx: Any, cursor: Any, first: list[Any], slots: ExportSlots,
+                 user: int, format: str) -> None:
+        self._pool, self._conn, self._tx, self._cursor = pool, conn, tx, cursor
+        self._first: list[Any] | None = first
+        self._slots, self._user, self._format = slots, user, format
+        self._closed = False
+
+    @classmethod
+    async def open(cls, pool: Any, slots: ExportSlots, user: int, format: str, args: tuple[Any, ...]) -> Export:
+        # The export pool has a connection per slot, so this does not wait on other exports.
+        conn = await pool.acquire(timeout=10)
+        try:
+            tx = conn.transaction(readonly=True)
+            await tx.start()
+            cursor = await conn.cursor(_EXPORT_SQL, *args)
+            first = await cursor.fetch(EXPORT_CHUNK_ROWS)
+        except BaseException:
+            await pool.release(conn)  # releasing rolls the transaction back
+            raise
+        return cls(pool, conn, tx, cursor, first, slots, user, format)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self._format == "csv":
+            yield b"time,metric,value,text\r\n"
+        rows, self._first = self._first or [], None
+        while rows:
+            yield self._encode(rows)
+            if len(rows) < EXPORT_CHUNK_ROWS:
+                break
+            rows = await self._cursor.fetch(EXPORT_CHUNK_ROWS)
+        await self.close()  # release early: before the last bytes reach the client
+
+    def _encode(self, rows: list[Any]) -> bytes:
+        if self._format == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf)
+            for r in rows:
+                writer.writerow([r["time"].isoformat(), r["metric"], "" if r["value"] is None else repr(r["value"]),
+                                 r["text_value"] or ""])
+            return buf.getvalue().encode()
+        return "".join(json.dumps({"time": r["time"].isoformat(), "metric": r["metric"], "value": r["value"],
+                                   "text": r["text_value"]}) + "\n" for r in rows).encode()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            try:
+                await self._tx.rollback()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                # A fetch cut short by the client's leaving can leave the connection
+                # mid-query: it is of no further use, and the pool replaces it.
+                self._conn.terminate()
+            await self._pool.release(self._conn)
+        finally:
+            self._slots.give(self._user)
+
+
+class DataService:
+    def __init__(self, pool: asyncpg.Pool, export_pool: asyncpg.Pool, export_slots: ExportSlots) -> None:
+        self.pool = pool
+        self.export_pool = export_pool  # streamed exports only: see Export
+        self.export_slots = export_slots
+
+    async def _device_id(self, access: OrgAccess, device: str) -> int:
+        dev_id = await self.pool.fetchval(
+            "SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
+        if dev_id is None:
+            raise NotFound(f"device {device!r} not found")
+        return int(dev_id)
+
+    async def readings(self, access: OrgAccess, device: str, metric: list[str] | None, start: datetime | None,
+                       end: datetime | None, limit: int, cursor: str | None) -> ReadingPage:
+        dev_id = await self._device_id(access, device)
+        t0, t1 = _window(start, end)
+        after = _uncursor(cursor)
+        after_t = after[0] if after else None
+        rows = await self.pool.fetch(
+            """SELECT time, metric, value, text_value FROM readings
+               WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
+                 AND ($5::timestamptz IS NULL OR (time, metric) > ($5, $6::text))
+               ORDER BY time, metric LIMIT $7""",
+            dev_id, t0, t1, await _metric_list(self.pool, dev_id, metric), after_t, after[1] if after else None,
+            limit + 1)
+        items = [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"])
+                 for r in rows[:limit]]
+        nxt = _cursor(items[-1].time.isoformat(), items[-1].metric) if len(rows) > limit else None
+        return ReadingPage(items=items, next=nxt)
+
+    async def aggregate(self, access: OrgAccess, device: str, metric: list[str] | None, start: datetime | None,
+                        end: datetime | None, bucket: str, fn: list[str] | None) -> list[Bucket]:
+        dev_id = await self._device_id(access, device)
+        t0, t1 = _window(start, end)
+        width = parse_bucket(bucket)
+        if (t1 - t0) / width > MAX_BUCKETS:
+            raise InvalidInput(f"more than {MAX_BUCKETS} buckets: widen the bucket or narrow the range")
+        wanted = fn or list(AGGREGATES)
+        bad = [f for f in wanted if f not in AGGREGATES]
+        if bad:
+            raise InvalidInput(f"unknown aggregate {bad[0]!r}; use {', '.join(AGGREGATES)}")
+        rows = await self.pool.fetch(
+            AGGREGATE_SQL, dev_id, t0, t1, width, await _metric_list(self.pool, dev_id, metric))
+        return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
+
+    async def latest(self, access: OrgAccess, device: str) -> list[Reading]:
+        dev_id = await self._device_id(access, device)
+        # A loose index scan: one index probe per metric, however many rows a metric has.
+        rows = await self.pool.fetch(LATEST_SQL, dev_id)
+        return [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"]) for r in rows]
+
+    async def events(self, access: OrgAccess, device: str, type: str | None, start: datetime | None,
+                     end: datetime | None, limit: int, cursor: str | None) -> EventPage:
+        dev_id = await self._device_id(access, device)
+        t0, t1 = _window(start, end)
+        after = _uncursor(cursor)
+        rows = await self.pool.fetch(
+            """SELECT time, type, data FROM events
+               WHERE device_id = $1 AND time >= $2 AND time < $3 AND ($4::text IS NULL OR type = $4)
+                 AND ($5::timestamptz IS NULL OR (time, type) > ($5, $6::text))
+               ORDER BY time, type LIMIT $7""",
+            dev_id, t0, t1, type, after[0] if after else None, after[1] if after else None, limit + 1)
+        items = [Event(time=r["time"], type=r["type"], data=json.loads(r["data"])) for r in rows[:limit]]
+        nxt = _cursor(items[-1].time.isoformat(), items[-1].type) if len(rows) > limit else None
+        return EventPage(items=items, next=nxt)
+
+    async def export(self, access: OrgAccess, device: str, metric: list[str] | None, start: datetime | None,
+                     end: datetime | None, format: str) -> Export:
+        """An open export of the range, holding one of the caller's export slots until closed;
+        RateLimited when the caller (or this process) has as many streaming as allowed."""
+        dev_id = await self._device_id(access, device)
+        t0, t1 = _window(start, end)
+        metrics = await _metric_list(self.pool, dev_id, metric)
+        slots = self.export_slots
+        user = access.principal.user_id
+        if not slots.take(user):
+            raise RateLimited(EXPORT_RETRY_AFTER_S, "too many exports at once; try again when one has finished")
+        try:
+            # The query runs and its first rows arrive before any header is sent, so an
+            # error up to here is an ordinary JSON answer, not a cut connection.
+            return await Export.open(self.export_pool, slots, user, format, (dev_id, t0, t1, metrics))
+        except BaseException:
+            slots.give(user)
+            raise
+
+    async def quarantine(self, access: OrgAccess, limit: int, before: int | None) -> QuarantinePage:
+        rows = await self.pool.fetch(
+            """SELECT id, received_at, topic, device_slug, reason, payload FROM quarantine
+               WHERE org_id = $1 AND ($2::bigint IS NULL OR id < $2) ORDER BY id DESC LIMIT $3""",
+            access.org_id, before, limit + 1)
+        items = [Quarantined(id=r["id"], received_at=r["received_at"], topic=r["topic"], device=r["device_slug"],
+                             reason=r["reason"], payload=base64.b64encode(r["payload"][:65536]).decode(),
+                             size=len(r["payload"])) for r in rows[:limit]]
+        return QuarantinePage(items=items, next=items[-1].id if len(rows) > limit else None)
