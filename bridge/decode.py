@@ -2,6 +2,8 @@
 
 A payload either becomes rows or raises :class:`Rejected` with a reason a person can
 act on; the caller quarantines it. Nothing here touches the network or the database.
+:meth:`TelemetryDecoder.decode` is the one place that routes a message by its topic's
+kind: what telemetry, status and events become, and which kinds the bridge refuses.
 
 Telemetry forms:
 1. flat ``{"temp": 21.5}`` - time of receipt;
@@ -20,6 +22,7 @@ from typing import Any
 import msgspec
 
 from lms_core.settings import Limits
+from lms_core.topics import DeviceTopic, TopicKind
 
 _json = msgspec.json.Decoder()
 _json_encode = msgspec.json.Encoder().encode
@@ -28,8 +31,45 @@ _json_encode = msgspec.json.Encoder().encode
 Row = tuple[datetime, str, float | None, str | None]
 
 
+#: A payload as paho hands it over.
+Payload = bytes | bytearray
+
+
 class Rejected(Exception):
     """The payload breaks the contract or a limit; ``str(exc)`` is the reason."""
+
+
+# What one message becomes (:meth:`TelemetryDecoder.decode`). gc=False: they hold no
+# reference that could close a cycle, and the collector need not walk them.
+
+class Readings(msgspec.Struct, gc=False, frozen=True):
+    """The rows of a ``telemetry`` message."""
+
+    rows: list[Row]
+
+
+class Presence(msgspec.Struct, gc=False, frozen=True):
+    """A ``status`` message: ``online``/``offline``, or None for an empty payload (the
+    clearing of a retained status: nothing to apply)."""
+
+    status: str | None
+
+
+class DeviceEvent(msgspec.Struct, gc=False, frozen=True):
+    """An ``events`` message: its time, type and data as JSON text."""
+
+    when: datetime
+    type: str
+    data: str
+
+
+class Replayed(msgspec.Struct, gc=False, frozen=True):
+    """A retained message the broker replayed to a new subscription: it was stored when
+    it was first published, so it is not stored again."""
+
+
+REPLAYED = Replayed()
+Decoded = Readings | Presence | DeviceEvent | Replayed
 
 
 class TelemetryDecoder:
@@ -42,7 +82,7 @@ class TelemetryDecoder:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _parse(self, payload: bytes) -> Any:
+    def _parse(self, payload: Payload) -> Any:
         if len(payload) > self.limits.max_payload_bytes:
             raise Rejected(f"payload too large: {len(payload)} bytes > limit {self.limits.max_payload_bytes}")
         if not payload:
@@ -146,7 +186,26 @@ class TelemetryDecoder:
 
     # -- public ------------------------------------------------------------------
 
-    def telemetry(self, payload: bytes, now: float) -> list[Row]:
+    def decode(self, topic: DeviceTopic, payload: Payload, now: float, retained: bool) -> Decoded:
+        """What a message on ``topic``, received at ``now`` (epoch seconds), becomes.
+
+        Raises :class:`Rejected` for a payload that breaks the contract and for a topic
+        kind the bridge does not take.
+        """
+        kind = topic.kind
+        if retained and kind is not _STATUS:
+            # Only a status replay is applied: it is the device's current state.
+            return REPLAYED
+        if kind is _TELEMETRY:
+            return Readings(self.telemetry(payload, now))
+        if kind is _STATUS:
+            return Presence(self.status(payload))
+        if kind is _EVENTS:
+            when, etype, data = self.event(payload, now)
+            return DeviceEvent(when, etype, data)
+        raise Rejected(f"the bridge does not take messages on '{topic.rest}'")
+
+    def telemetry(self, payload: Payload, now: float) -> list[Row]:
         """Rows of one telemetry message received at ``now`` (epoch seconds)."""
         doc = self._parse(payload)
         out: list[Row] = []
@@ -168,7 +227,7 @@ class TelemetryDecoder:
             raise Rejected(f"telemetry must be a JSON object or array, got {_short(doc)}")
         return out
 
-    def event(self, payload: bytes, now: float) -> tuple[datetime, str, str]:
+    def event(self, payload: Payload, now: float) -> tuple[datetime, str, str]:
         """``(time, type, data as JSON text)`` of an ``events`` message."""
         doc = self._parse(payload)
         if type(doc) is not dict:
@@ -190,7 +249,7 @@ class TelemetryDecoder:
         return when, etype, _json_encode(data).decode()
 
     @staticmethod
-    def status(payload: bytes) -> str | None:
+    def status(payload: Payload) -> str | None:
         """``online``/``offline``; None for an empty payload (a cleared retained message)."""
         text = payload.strip().strip(b'"').decode("ascii", "replace").lower() if payload else ""
         if not payload:
@@ -200,6 +259,8 @@ class TelemetryDecoder:
         return text
 
 
+# Module constants: the routing compares by identity without a class attribute lookup.
+_TELEMETRY, _STATUS, _EVENTS = TopicKind.TELEMETRY, TopicKind.STATUS, TopicKind.EVENTS
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}")
 #: Event types the bridge writes itself; a device may not forge them.
 RESERVED_EVENT_TYPES = frozenset({"status"})

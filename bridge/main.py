@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TypeVar
 
+import asyncpg
 from prometheus_client import start_http_server
 
 from bridge.decode import TelemetryDecoder
@@ -60,11 +61,11 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def check_schema(pool: db.asyncpg.Pool) -> None:
+async def check_schema(pool: asyncpg.Pool) -> None:
     latest = migrations.load()[-1].version
     try:
         current = await pool.fetchval("SELECT max(version) FROM schema_migrations")
-    except db.asyncpg.UndefinedTableError:
+    except asyncpg.UndefinedTableError:
         current = None
     if current is None or current < latest:
         raise MigrationError(
@@ -72,7 +73,7 @@ async def check_schema(pool: db.asyncpg.Pool) -> None:
         )
 
 
-async def reconcile_broker(settings: Settings, pool: db.asyncpg.Pool) -> dict[str, int]:
+async def reconcile_broker(settings: Settings, pool: asyncpg.Pool) -> dict[str, int]:
     topics = TopicScheme(settings.topic_root)
     async with BrokerAdmin(settings.mqtt, topics) as admin:
         prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)

@@ -1,8 +1,24 @@
-"""Prometheus metrics of one bridge process, in a registry of its own."""
+"""Prometheus metrics of one bridge process, in a registry of its own.
+
+What a committed batch did is counted in one place, :meth:`BridgeMetrics.committed`; the
+ingest loop sets only its own state (connection, backlog, failed writes) and the janitor
+counts what it cleared.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from lms_core.topics import TopicKind
+
+if TYPE_CHECKING:
+    from bridge.store import Batch
+
+#: The ``kind`` label of ``lms_bridge_messages_received``: the kinds the bridge subscribes
+#: to, and "other" for anything else.
+RECEIVED_LABELS: dict[TopicKind, str] = {k: k.value for k in (TopicKind.TELEMETRY, TopicKind.STATUS, TopicKind.EVENTS)}
 
 
 class BridgeMetrics:
@@ -27,3 +43,18 @@ class BridgeMetrics:
         self.retained_cleared = Counter("lms_bridge_retained_cleared",
                                         "Retained messages devices left outside 'status', cleared", registry=r)
         self.connected = Gauge("lms_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
+
+    def committed(self, batch: Batch, messages: int, seconds: float) -> None:
+        """Count a batch of ``messages`` committed in ``seconds``: what it received, stored,
+        wrote and quarantined."""
+        self.flush_seconds.observe(seconds)
+        self.batch_size.observe(messages)
+        self.stored.inc(messages)
+        if batch.readings:
+            self.rows.inc(len(batch.readings))
+        for kind, n in batch.received.items():
+            self.received.labels(RECEIVED_LABELS.get(kind, "other")).inc(n)
+        for section in batch.quarantined_kinds:
+            self.quarantined.labels(section).inc()
+        if batch.dedup_writes:
+            self.dedup_batches.inc(batch.dedup_writes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from time import time as _now  # a global, not an attribute, read once per message
 
 import paho.mqtt.client as paho
 
@@ -45,16 +45,15 @@ class Ingest:
         else:
             self.filters, self.other_filters = plain, shared
         self.buffer: list[Message] = []
-        self._arrived = asyncio.Event()
-        self._full = asyncio.Event()
-        self._stopping = False
+        #: The one thing the flusher waits on: set when the buffer gets its first message or
+        #: a full batch, when ``stop`` is set, and on a fatal error.
+        self._wake = asyncio.Event()
         self._subscribe_task: asyncio.Task[None] | None = None
         self._fatal: BaseException | None = None
         self._draining = False
         self._backpressure = False
         # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
         self.max_buffer = max(4 * self.batch_size, 10_000)
-        self._stop: asyncio.Event | None = None
         # MQTT 3.1.1: paho's 3.1.1 path measured ~2x faster than its MQTT 5 path here,
         # and a persistent 3.1.1 session never expires on Mosquitto unless configured to.
         self.mqtt = AsyncMqttClient(
@@ -77,13 +76,11 @@ class Ingest:
             return  # stopping: left unacknowledged for the broker to redeliver
         buf = self.buffer
         # QoS 0 messages carry no packet id (mid 0): they are never acknowledged.
-        buf.append((msg.topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, time.time(),
-                    bool(msg.retain)))
+        buf.append(Message(msg.topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, _now(),
+                           msg.retain))
         n = len(buf)
-        if n == 1:
-            self._arrived.set()
-        elif n >= self.batch_size:
-            self._full.set()
+        if n == 1 or n >= self.batch_size:
+            self._wake.set()
             if n >= self.max_buffer and not self._backpressure:
                 # QoS 0 traffic is outside the broker's in-flight window; stop reading
                 # until the backlog is committed so memory stays bounded regardless.
@@ -109,18 +106,20 @@ class Ingest:
     async def _subscribe(self) -> None:
         try:
             await self.mqtt.subscribe(self.filters, qos=1)
-            # A session switched between exclusive and shared mode keeps the other mode's
-            # subscription; without this each message would arrive twice.
-            await self.mqtt.unsubscribe(self.other_filters)
             log.info("subscribed", extra={"filters": self.filters})
+            # A session switched between exclusive and shared mode keeps the other mode's
+            # subscription; without this each message would arrive twice. No deadline for
+            # the answer: Mosquitto sends this UNSUBACK behind the session's backlog (after
+            # a restart, only once most of it is drained), and MQTT 3.1.1 cannot refuse an
+            # UNSUBSCRIBE. A lost connection still ends the wait (BrokerUnavailable).
+            await self.mqtt.unsubscribe(self.other_filters, timeout=None)
         except BrokerUnavailable:
             pass  # the connection dropped; the next connection subscribes again
         except BrokerError as exc:
             # Refused: running on would silently lose every message. Stop loudly.
             log.error("subscription failed: %s", exc)
             self._fatal = exc
-            if self._stop is not None:
-                self._stop.set()
+            self._wake.set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -139,8 +138,7 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Flush batches until ``stop`` is set, then flush what was received and return."""
-        self._stop = stop
-        stop_task = asyncio.create_task(stop.wait(), name="bridge stop watcher")
+        watcher = asyncio.create_task(self._wake_on(stop), name="bridge stop watcher")
         paused = False
         try:
             while True:
@@ -156,20 +154,26 @@ class Ingest:
                     if stop.is_set():
                         await self._final_barrier()
                         return
-                    self._arrived.clear()
-                    arrived = asyncio.ensure_future(self._arrived.wait())
-                    await asyncio.wait({arrived, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-                    arrived.cancel()
+                    self._wake.clear()
+                    await self._wake.wait()
                     continue
                 if len(self.buffer) < self.batch_size and not stop.is_set():
-                    self._full.clear()
+                    # A partial batch waits up to flush_ms for more (or for stop).
+                    self._wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._full.wait(), self.flush_s)
+                        async with asyncio.timeout(self.flush_s):
+                            await self._wake.wait()
+                    if self._fatal is not None or not self.buffer:
+                        continue  # (the buffer empties when the connection drops)
                 batch = self.buffer[: self.batch_size]
                 del self.buffer[: self.batch_size]
                 await self._commit(batch, stop)
         finally:
-            stop_task.cancel()
+            watcher.cancel()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
 
     async def _final_barrier(self) -> None:
         """Make sure the broker has the last acknowledgements before we disconnect."""
@@ -185,9 +189,8 @@ class Ingest:
         self.metrics.backlog.set(len(self.buffer) + len(batch))
         delay = 0.2
         while True:
-            started = time.perf_counter()
             try:
-                written = await self.store.commit(batch)
+                await self.store.commit(batch)
                 break
             except DatabaseUnavailable as exc:
                 self.metrics.db_errors.inc()
@@ -202,14 +205,9 @@ class Ingest:
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self.metrics.flush_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(batch))
-        self.metrics.stored.inc(len(batch))
         gen = self.mqtt.generation
-        self.mqtt.ack_many([m[2] for m in batch if m[3] == gen and m[2]], gen)
+        self.mqtt.ack_many([m.mid for m in batch if m.generation == gen and m.mid], gen)
         if self._backpressure and len(self.buffer) < self.max_buffer // 2 and not self._draining:
             self._backpressure = False
             self.mqtt.resume_reading()
-        for kind, n in written.received.items():
-            self.metrics.received.labels(kind).inc(n)
         self.metrics.backlog.set(len(self.buffer))

@@ -231,7 +231,8 @@ class AsyncMqttClient:
             raise BrokerError(f"broker refused subscription to {', '.join(refused)}")
         return [int(c) for c in codes]
 
-    async def unsubscribe(self, filters: list[str], timeout: float = 10) -> None:
+    async def unsubscribe(self, filters: list[str], timeout: float | None = 10) -> None:
+        """Unsubscribe and wait for UNSUBACK, at most ``timeout`` s (None: while connected)."""
         result, mid = self.client.unsubscribe(filters)
         if result != paho.MQTT_ERR_SUCCESS or mid is None:
             raise BrokerUnavailable(f"unsubscribe failed: {paho.error_string(result)}")
@@ -289,7 +290,7 @@ class AsyncMqttClient:
         self.resume_reading()
         await self.unsubscribe(["$lms-barrier"], timeout=timeout)
 
-    async def _wait(self, mid: int, timeout: float) -> Any:
+    async def _wait(self, mid: int, timeout: float | None) -> Any:
         assert self._loop is not None
         fut = self._pending.get(mid)
         if fut is None:

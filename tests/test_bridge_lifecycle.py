@@ -207,3 +207,47 @@ def test_connecting_does_not_stall_the_event_loop() -> None:
     assert took >= 1, f"the connect attempt failed in {took:.2f} s: the listener did not stall it"
     # The loop kept running while the attempt waited (about 20 ticks a second).
     assert ticks >= took * 5, (ticks, took)
+
+
+def test_a_late_unsuback_does_not_stop_the_bridge(own_stack: Stack, unique: str) -> None:
+    """After subscribing, the bridge unsubscribes the other subscription mode's filters.
+    Restarted with a backlog, Mosquitto answered that UNSUBSCRIBE only after seconds of the
+    backlog (bench/ingest.py: after all 200,000 queued messages) and the bridge, which gave
+    the answer 10 s, stopped with "subscription failed" while it was draining - a bridge
+    could not come back after an outage. The broker's late answer is injected here: the
+    first UNSUBACK reaches the client 12 s late."""
+    s = own_stack
+    creds = s.create_device(unique, "d")
+    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc", LMS_BRIDGE_FLUSH_MS="20")
+
+    async def run() -> tuple[bool, int]:
+        settings = Settings.from_env(env)
+        metrics = BridgeMetrics()
+        async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
+            store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
+            ingest = Ingest(settings, store, metrics)
+            paho_client = ingest.mqtt.client
+            on_unsubscribe, late = paho_client.on_unsubscribe, [True]
+            loop = asyncio.get_running_loop()
+
+            def answer_late(*args: Any) -> None:
+                if late:
+                    late.clear()
+                    loop.call_later(12, on_unsubscribe, *args)
+                else:
+                    on_unsubscribe(*args)
+
+            paho_client.on_unsubscribe = answer_late
+            stop = asyncio.Event()
+            async with ingest:
+                runner = asyncio.create_task(ingest.run(stop))
+                await asyncio.to_thread(_publish_and_wait, s, creds, 5)
+                await asyncio.wait({runner}, timeout=13)  # past the old 10 s wait
+                alive = not runner.done()
+                stop.set()
+                await asyncio.wait_for(runner, 30)
+            return alive, int(await asyncio.to_thread(s.scalar, "SELECT count(*) FROM readings"))
+
+    alive, readings = asyncio.run(run())
+    assert alive, "the bridge stopped while the broker's answer was on its way"
+    assert readings == 5
