@@ -8,7 +8,7 @@ or was registered outside that router (``check_routes``), so a new route cannot 
 unguarded. Callers who are not members of the organization get 404, as if it did
 not exist; members without the permission get 403. Platform superusers may do anything.
 An API key acts with its role capped by its creator's current role (``key_role``) and never
-manages members or keys.
+manages members, keys or technician broker logins (``KEY_FORBIDDEN``).
 """
 
 from __future__ import annotations
@@ -42,9 +42,15 @@ MATRIX: dict[str, frozenset[str]] = {
 }
 
 
-#: Never for an API key, whatever its role: a leaked key could otherwise make a real account
-#: admin (or mint keys), which would outlive the key's revocation.
-KEY_FORBIDDEN = frozenset({"members.manage"})
+#: Never for an API key, whatever its role, each with why (the answer's 403 message): what a
+#: key could do here would outlive the key's revocation. A leaked key could otherwise make a
+#: real account admin (or mint keys), or mint technician broker logins (up to 90 days), which
+#: live in the broker whatever becomes of the key.
+KEY_FORBIDDEN: dict[str, str] = {
+    "members.manage": "an API key cannot manage members or API keys; log in as a user",
+    "mqtt_credentials.manage": "an API key cannot create, list or revoke technician broker logins (they would "
+                               "outlive the key); log in as a user",
+}
 
 
 def key_role(key: str, creator: str) -> str:
@@ -96,7 +102,7 @@ async def org_guard(connection: ASGIConnection[Principal, Any, Any, Any], handle
         if row["id"] != key.org_id:
             raise NotFoundException(f"organization {slug!r} not found")
         if perm in KEY_FORBIDDEN:
-            raise PermissionDeniedException("an API key cannot manage members or API keys; log in as a user")
+            raise PermissionDeniedException(KEY_FORBIDDEN[perm])
         role = key_role(key.role, key.creator_role)
     if role != "superuser" and role not in MATRIX[perm]:
         if key is not None and role != key.role:

@@ -35,6 +35,21 @@ from lms_core.settings import Settings
 MAX_BODY_BYTES = 1024 * 1024
 
 
+def export_session_settings(settings: Settings) -> dict[str, str]:
+    """Timeouts PostgreSQL itself enforces on the export pool's sessions, behind the API's own
+    cut-offs (api/data.py): should this process hang or lose track of an export, its open
+    transaction (which pins the xmin horizon) is still ended. Between two fetches an export
+    waits on its reader for at most the stall time; no single fetch, nor the export, may
+    take longer than the export's deadline. A margin keeps the API's cut-off the one that
+    normally acts (with its log line and clean close)."""
+    api = settings.api
+    return {
+        "application_name": "lms-api-export",
+        "idle_in_transaction_session_timeout": str((api.export_stall_s + 30) * 1000),
+        "statement_timeout": str((api.export_max_s + 30) * 1000),
+    }
+
+
 class _App(Litestar):
     """Litestar, also noting in each request's scope state how to abort its connection:
     only here is ``send`` still the server's own (Litestar wraps it further in)."""
@@ -49,8 +64,8 @@ def create_app(settings: Settings) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with db.create_pool(settings.database_url, min_size=1, max_size=10) as pool, \
-                db.create_pool(settings.database_url, min_size=0,
-                               max_size=settings.api.export_concurrency) as export_pool:
+                db.create_pool(settings.database_url, min_size=0, max_size=settings.api.export_concurrency,
+                               server_settings=export_session_settings(settings)) as export_pool:
             app.state.pool = pool
             app.state.export_pool = export_pool  # streamed exports only: see api/data.py
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)

@@ -73,7 +73,7 @@ class DataController(Controller):
         export = await data_service.export(access, device, metric, start, end, format)
         media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
         name = f"{access.slug}-{device}.{'csv' if format == 'csv' else 'jsonl'}"
-        return _ExportStream(export, settings.api.export_stall_s, media_type=media,
+        return _ExportStream(export, settings.api.export_stall_s, settings.api.export_max_s, media_type=media,
                              headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
     @get("/quarantine", opt={"perm": "quarantine.read"})
@@ -89,42 +89,65 @@ class _Stalled(Exception):
     """The client took nothing for the stall time."""
 
 
+class _Overdue(Exception):
+    """The export was still streaming at its deadline."""
+
+
 class _ExportStream(Stream):
     """A Stream that owns its :class:`~api.services.data.Export`: it closes it however the response ends, and
-    cuts off a client that takes nothing for ``stall_s`` seconds."""
+    cuts off a client that takes nothing for ``stall_s`` seconds, or is still being sent to
+    ``max_s`` seconds after it started (a steady trickle is never stalled, and would hold the
+    slot, the connection and the open transaction for as long as its reader liked)."""
 
-    def __init__(self, export: Export, stall_s: float, **kwargs: Any) -> None:
+    def __init__(self, export: Export, stall_s: float, max_s: float, **kwargs: Any) -> None:
         super().__init__(export.chunks(), **kwargs)
         self._export = export
         self._stall_s = stall_s
+        self._max_s = max_s
 
     def to_asgi_response(self, *args: Any, **kwargs: Any) -> ASGIResponse:
-        return _Guarded(super().to_asgi_response(*args, **kwargs), self._export, self._stall_s)  # type: ignore[return-value]
+        return _Guarded(super().to_asgi_response(*args, **kwargs), self._export,  # type: ignore[return-value]
+                        self._stall_s, self._max_s)
 
 
 class _Guarded:
     """The ASGI side of :class:`_ExportStream` (Litestar only calls what it is given)."""
 
-    def __init__(self, inner: ASGIResponse, export: Export, stall_s: float) -> None:
-        self.inner, self.export, self.stall_s = inner, export, stall_s
+    def __init__(self, inner: ASGIResponse, export: Export, stall_s: float, max_s: float) -> None:
+        self.inner, self.export, self.stall_s, self.max_s = inner, export, stall_s, max_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deadline = asyncio.get_running_loop().time() + self.max_s
+
         async def guarded_send(message: Message) -> None:
             # The server's send waits while the client's socket is full: a reader that
-            # stops reading stops us here.
+            # stops reading stops us here, and so does one that reads too slowly to be
+            # done by the deadline. Every chunk is sent through here, so the deadline is
+            # seen within one fetch (which PostgreSQL's statement_timeout bounds) of passing.
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise _Overdue
             try:
-                await asyncio.wait_for(send(message), self.stall_s)
+                await asyncio.wait_for(send(message), min(self.stall_s, left))
             except TimeoutError:
-                raise _Stalled from None
+                raise (_Stalled if left > self.stall_s else _Overdue) from None
 
+        state = scope.get("state", {})
         try:
             await self.inner(scope, receive, guarded_send)
         except* _Stalled:
-            state = scope.get("state", {})
             log.warning("export cut off: the client took nothing for %s s", self.stall_s,
                         extra={"request_id": state.get("request_id", "")})
-            abort = state.get("abort_connection")
-            if abort is not None:
-                abort()
+            self._abort(state)
+        except* _Overdue:
+            log.warning("export cut off: still streaming after %s s (LMS_API_EXPORT_MAX_SECONDS)", self.max_s,
+                        extra={"request_id": state.get("request_id", "")})
+            self._abort(state)
         finally:
             await self.export.close()
+
+    @staticmethod
+    def _abort(state: dict[str, Any]) -> None:
+        abort = state.get("abort_connection")
+        if abort is not None:
+            abort()

@@ -9,6 +9,13 @@ string and object key of a JSON body. JSON nested deeper than :data:`MAX_JSON_DE
 refused too: msgspec's decoder recurses, and past Python's recursion limit it raises
 ``RecursionError`` (a 500) rather than a decode error.
 
+Every route that takes a body takes JSON, so a body of any other declared type (or of none)
+is refused with 415 here, whatever the method or route: a form or multipart body was
+otherwise left unchecked and then decoded as JSON anyway (a deep one: a 500), and a
+``text/plain`` form, which a browser posts cross-site without a CORS preflight, could log a
+victim into the attacker's account (login CSRF). JSON is ``application/json`` or a structured
+``application/*+json`` type, parameters (``charset``) aside.
+
 A body is decoded here and again by Litestar: bodies are small (1 MiB at most) and writes
 are rare, and checking the decoded strings is the only way to see escapes such as ``\\u0000``.
 """
@@ -27,8 +34,6 @@ from api.errors import error_document
 #: Deeper than any body of this API (device properties are the deepest, a few levels).
 MAX_JSON_DEPTH = 64
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-#: Bodies of these types are not JSON; no route takes them today, and they are left to Litestar.
-_NOT_JSON = ("multipart/form-data", "application/x-www-form-urlencoded")
 UNSTORABLE_MESSAGE = "text may not contain NUL characters or invalid UTF-8"
 
 
@@ -46,6 +51,14 @@ def _bad_url_part(raw: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return False
+
+
+def is_json_type(content_type: str) -> bool:
+    """Whether a Content-Type header value declares JSON (``application/json`` or
+    ``application/<anything>+json``, any parameters, any case)."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json")
+                                            and "/" not in media[len("application/"):])
 
 
 def check_json(body: bytes) -> tuple[int, str] | None:
@@ -93,9 +106,9 @@ def input_guard_middleware(max_body: int) -> Any:
             elif _bad_url_part(scope.get("query_string", b"")):
                 problem = 422, f"{UNSTORABLE_MESSAGE} (in the query string)"
             headers = dict(scope["headers"])
-            content_type = headers.get(b"content-type", b"").decode("latin-1").lower()
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
             has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
-            if problem is None and has_body and not content_type.startswith(_NOT_JSON):
+            if problem is None and has_body:
                 chunks: list[bytes] = []
                 size = 0
                 while True:
@@ -112,7 +125,12 @@ def input_guard_middleware(max_body: int) -> Any:
                         break
                 body = b"".join(chunks)
                 if problem is None and body:
-                    problem = check_json(body)
+                    if not is_json_type(content_type):
+                        shown = content_type.split(";", 1)[0].strip()[:100] or "none"
+                        problem = 415, (f"request bodies must be JSON (Content-Type: application/json); "
+                                        f"got Content-Type {shown!r}")
+                    else:
+                        problem = check_json(body)
                 receive = _replay(body, receive)
             if problem is not None:
                 await _refuse(scope, send, *problem)

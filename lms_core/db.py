@@ -82,11 +82,13 @@ async def connect(url: str, *, timeout: float = 10) -> asyncpg.Connection:
 
 
 @contextlib.asynccontextmanager
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 5) -> AsyncIterator[asyncpg.Pool]:
-    """An asyncpg pool, opened and closed as a context manager."""
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 5,
+                      server_settings: dict[str, str] | None = None) -> AsyncIterator[asyncpg.Pool]:
+    """An asyncpg pool, opened and closed as a context manager; ``server_settings`` are set
+    on each of its sessions (e.g. timeouts PostgreSQL enforces itself)."""
     try:
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=10,
-                                         command_timeout=60)
+                                         command_timeout=60, server_settings=server_settings)
     except Exception as exc:
         if is_connection_error(exc) or isinstance(exc, asyncpg.PostgresError):
             raise DatabaseUnavailable(f"cannot connect to PostgreSQL at {_describe(url)}: {exc}") from None

@@ -218,6 +218,25 @@ class Provisioner:
             await self.admin.delete_client(username)
         return True
 
+    async def revoke_technicians_created_by(self, conn: asyncpg.Connection, org_id: int, user_id: int, *,
+                                            record: Record | None = None) -> list[str]:
+        """Revoke every active technician login ``user_id`` created in the organization, inside
+        the caller's transaction on ``conn`` (the change that takes the user's right to them
+        away: a member removed or demoted), and delete them from the broker (which disconnects
+        their sessions). Returns their usernames. A broker failure raises, and the caller's
+        change rolls back with the revocation."""
+        await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", RECONCILE_LOCK)
+        rows = await conn.fetch(
+            """UPDATE mqtt_credentials SET revoked_at = now()
+               WHERE org_id = $1 AND created_by = $2 AND revoked_at IS NULL RETURNING id, username""",
+            org_id, user_id)
+        for r in rows:
+            if record is not None:
+                await record(conn, str(r["id"]))
+        for r in rows:
+            await self.admin.delete_client(r["username"])
+        return [r["username"] for r in rows]
+
     async def expire_technicians(self) -> int:
         """Remove the broker logins of technician credentials past their expiry."""
         async with self.pool.acquire() as conn, conn.transaction():

@@ -245,6 +245,13 @@ class ApiSettings(msgspec.Struct, frozen=True):
     export_stall_s: Annotated[int, setting(
         "LMS_API_EXPORT_STALL_SECONDS", "an export reader that takes nothing for this long is cut off",
         ge=1, le=3600)] = 30
+    # The stall limit is per write: a reader taking a trickle (say 100 kB/s) is never stalled,
+    # and would hold its slot, a pool connection and an open transaction (pinning the xmin
+    # horizon: VACUUM cannot clean behind it) for as long as it likes. A whole export has
+    # this long; the export pool's sessions are also ended by PostgreSQL past it (api/app.py).
+    export_max_s: Annotated[int, setting(
+        "LMS_API_EXPORT_MAX_SECONDS", "an export still streaming after this long is cut off, however steadily "
+        "its reader takes it (narrow the time range for more)", ge=1, le=86400)] = 600
 
 
 class Settings(msgspec.Struct, frozen=True):

@@ -22,6 +22,10 @@ from api.auth.service import AuthService, Principal
 
 SESSION_COOKIE = "lms_session"
 CSRF_COOKIE = "lms_csrf"
+#: The device token of OWASP's "device cookie" (api/auth/service.py): it authenticates
+#: nothing, it only lets its holder's logins escape others' failures at a shared address.
+DEVICE_COOKIE = "lms_device"
+DEVICE_HEADER = "x-lms-device"
 CSRF_HEADER = "x-csrf-token"
 API_KEY_HEADER = "x-api-key"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

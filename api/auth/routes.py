@@ -13,7 +13,7 @@ from litestar.params import JSONBody
 from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from msgspec import Meta
 
-from api.auth.backend import CSRF_COOKIE, SECURITY, SESSION_COOKIE
+from api.auth.backend import CSRF_COOKIE, DEVICE_COOKIE, DEVICE_HEADER, SECURITY, SESSION_COOKIE
 from api.auth.service import Session
 from api.deps import AuditLog, Auth, Me, Req, UserSession, provide_principal, provide_user_session
 
@@ -49,6 +49,9 @@ class LoginResult(msgspec.Struct):
     expires_at: int
     user: User
     csrf_token: str
+    #: Also set as the ``lms_device`` cookie; a program sends it back as ``X-LMS-Device`` on
+    #: later logins, which then cannot be locked out by others' failures at its address.
+    device_token: str
 
 
 class AuthController(Controller):
@@ -67,9 +70,15 @@ class AuthController(Controller):
                     audit: AuditLog) -> Response[Any]:
         """Exchange email and password for an access token, also set as an HTTP-only cookie.
 
-        ``remember``: the token and cookie last 30 days instead of 1 hour."""
-        token, claims, user = await auth.login(data.email, data.password, remember=data.remember, audit=audit)
+        ``remember``: the token and cookie last 30 days instead of 1 hour. A device token from an
+        earlier login (the ``lms_device`` cookie, or the ``X-LMS-Device`` header) exempts this
+        login from the limits others' failures at the same address set off, under a small
+        limit of its own (see api/auth/service.py)."""
+        device = request.headers.get(DEVICE_HEADER) or request.cookies.get(DEVICE_COOKIE)
+        token, claims, user = await auth.login(data.email, data.password, remember=data.remember, audit=audit,
+                                               device=device)
         csrf = auth.csrf_token(claims.jti)
+        device_token = auth.device_token(user["id"])
         ttl = claims.expires_at - int(time.time())
         secure = auth.settings.cookie_secure or request.url.scheme == "https"
         cookies = [
@@ -77,9 +86,12 @@ class AuthController(Controller):
                    max_age=ttl),
             Cookie(key=CSRF_COOKIE, value=csrf, httponly=False, samesite="lax", secure=secure, path="/",
                    max_age=ttl),
+            # Only ever read by login: sent to the auth routes alone, and kept after logout.
+            Cookie(key=DEVICE_COOKIE, value=device_token, httponly=True, samesite="lax", secure=secure,
+                   path="/api/v1/auth", max_age=auth.device_max_age_s),
         ]
         body = LoginResult(access_token=token, token_type="bearer", expires_at=claims.expires_at,
-                           user=User(**user), csrf_token=csrf)
+                           user=User(**user), csrf_token=csrf, device_token=device_token)
         return Response(body, cookies=cookies)
 
     @post("/logout", status_code=HTTP_204_NO_CONTENT, dependencies={"me": Provide(provide_user_session)},

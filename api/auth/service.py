@@ -14,6 +14,20 @@ processes behind a load balancer. Its design:
   higher limits. Those two hold only logins from addresses the account has never logged in
   from (``login_known_addresses``, kept ``LMS_LOGIN_KNOWN_ADDRESS_DAYS``): the owner at home,
   or a superuser behind an office NAT full of guessing, still gets in; a newcomer waits.
+- Nor can an attacker who shares the owner's address (a NAT, a proxy not listed in
+  LMS_API_TRUSTED_PROXIES, localhost) lock the owner out with the per-(account, address)
+  limit -- OWASP's "device cookie". A successful login hands out a device token
+  (``tokens.device_token``: the user id, its issue time and a random nonce, signed with a key
+  derived from the secret), as the HttpOnly, SameSite=Lax cookie ``lms_device`` scoped to
+  /api/v1/auth, and in the login answer for programs, which send it back as ``X-LMS-Device``.
+  A login presenting a genuine device token *of the account it logs in to*, issued within
+  LMS_LOGIN_KNOWN_ADDRESS_DAYS, is counted apart: not under the (account, address), account
+  or address limits, but under one of its own -- LMS_LOGIN_MAX_FAILURES failures within the
+  window per token, recorded in ``login_failures`` with the address ``device:<nonce>`` --
+  after which that one token is locked for the window while every other device of the
+  owner still gets in. A forged token, an expired one, or another account's (an attacker's
+  own) is as good as none: today's limits. A success through a token clears that token's
+  failures only, never the address's, so the attacker beside the owner stays throttled.
 - Throttled attempts are not recorded as failures and add one audit row per (account,
   address) and window -- per address alone (target ``*``) when only the address limit
   holds -- whose ``detail.count`` grows, so a flood cannot fill the log.
@@ -124,6 +138,7 @@ class AuthService:
         self.settings = settings
         self.key = tokens.signing_key(secret)
         self.csrf_key = tokens.csrf_key(secret)
+        self.device_key = tokens.device_key(secret)
 
     async def create_user(self, email: str, password: str, *, superuser: bool = False,
                           request_id: str | None = None, address: str | None = None) -> int:
@@ -164,14 +179,31 @@ class AuthService:
             await conn.execute("INSERT INTO registration_attempts (address) VALUES ($1)", address)
         return await self.create_user(email, password, address=address, request_id=audit.request_id)
 
-    async def login(self, email: str, password: str, *, remember: bool,
-                    audit: Audit) -> tuple[str, tokens.Claims, dict[str, Any]]:
+    def device_token(self, user_id: int) -> str:
+        """A new device token for a successful login of ``user_id`` (see the module's docstring)."""
+        return tokens.device_token(self.device_key, user_id)
+
+    @property
+    def device_max_age_s(self) -> int:
+        return self.settings.login_known_address_days * 86400
+
+    async def login(self, email: str, password: str, *, remember: bool, audit: Audit,
+                    device: str | None = None) -> tuple[str, tokens.Claims, dict[str, Any]]:
+        """``device``: a device token from an earlier login, if the caller sent one."""
         s = self.settings
         address = audit.address
         target = email[:254]
+        genuine = tokens.read_device_token(self.device_key, device, self.device_max_age_s) if device else None
         async with self.pool.acquire() as conn, conn.transaction():
+            # Failures are counted at the client's address, or at the device token when it is
+            # a genuine one of this very account (another account's token, e.g. the
+            # attacker's own, buys nothing).
+            counted_at = address
+            if genuine is not None and genuine[0] == await conn.fetchval(
+                    "SELECT id FROM users WHERE lower(email) = lower($1)", target):
+                counted_at = f"device:{genuine[1]}"
             # Account first, then address: the same order everywhere, so no deadlock.
-            await _lock(conn, (_LOCK_ACCOUNT, target.lower()), (_LOCK_ADDRESS, address))
+            await _lock(conn, (_LOCK_ACCOUNT, target.lower()), (_LOCK_ADDRESS, counted_at))
             c = await conn.fetchrow(
                 """SELECT count(*) FILTER (WHERE lower(email) = lower($1) AND address = $2) AS pair,
                           count(*) FILTER (WHERE lower(email) = lower($1)) AS account,
@@ -184,10 +216,15 @@ class AuthService:
                                     AND k.last_success_at > now() - make_interval(days => $4)) AS known
                    FROM login_failures
                    WHERE at > now() - make_interval(secs => $3) AND (lower(email) = lower($1) OR address = $2)""",
-                target, address, float(s.login_window_s), s.login_known_address_days,
+                target, counted_at, float(s.login_window_s), s.login_known_address_days,
             )
             since, limit = None, ""
-            if c["pair"] >= s.login_max_failures:
+            by_device = counted_at != address
+            if by_device:
+                # The device token's own small limit, and no other.
+                if c["pair"] >= s.login_max_failures:
+                    since, limit = c["pair_oldest"], "device token"
+            elif c["pair"] >= s.login_max_failures:
                 since, limit = c["pair_oldest"], "account and address"
             elif not c["known"] and c["account"] >= s.login_account_max_failures:
                 since, limit = c["account_oldest"], "account"
@@ -199,7 +236,8 @@ class AuthService:
                 await self._audit_throttled(conn, "*" if limit == "address" else target.lower(), limit, audit)
             else:
                 # Recorded as a failure now, under the lock; a success deletes it again.
-                await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", target, address)
+                await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", target,
+                                   counted_at)
                 user = await conn.fetchrow(
                     "SELECT id, email, password_hash, is_superuser, token_version FROM users "
                     "WHERE lower(email) = lower($1)",
@@ -213,16 +251,16 @@ class AuthService:
             if not ok or user is None:
                 await audit.write(conn, "auth.login.failed", actor=user["id"] if user else None, target=target)
             else:
-                # Only this address's failures: a success elsewhere must not give an attacker
-                # at another address a fresh allowance.
+                # Only this address's (or device token's) failures: a success elsewhere must
+                # not give an attacker at another address, or beside the owner, a fresh allowance.
                 await conn.execute("DELETE FROM login_failures WHERE lower(email) = lower($1) AND address = $2",
-                                   email, address)
+                                   email, counted_at)
                 await conn.execute(
                     """INSERT INTO login_known_addresses (user_id, address) VALUES ($1, $2)
                        ON CONFLICT (user_id, address) DO UPDATE SET last_success_at = now()""",
                     user["id"], address)
                 await audit.write(conn, "auth.login", actor=user["id"], target=user["email"],
-                                  detail={"remember": remember})
+                                  detail={"remember": remember, "device_token": by_device})
         if not ok or user is None:
             # Each further failure answers a little later: guessing gets slower still.
             await asyncio.sleep(min(0.1 * (c["pair"] + 1), 1.0))

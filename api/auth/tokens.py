@@ -65,3 +65,36 @@ def decode(key: bytes, token: str) -> Claims:
                       expires_at=int(data["exp"]))
     except (jwt.PyJWTError, ValueError, TypeError) as exc:
         raise InvalidToken(str(exc)) from None
+
+
+def device_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"lms device token v1", hashlib.sha256).digest()
+
+
+def _device_mac(key: bytes, payload: str) -> str:
+    return base64.urlsafe_b64encode(hmac.new(key, payload.encode(), hashlib.sha256).digest()).rstrip(b"=").decode()
+
+
+def device_token(key: bytes, user_id: int) -> str:
+    """A device token (OWASP's "device cookie") for a successful login of ``user_id``:
+    ``<user id>.<issued at>.<random nonce>.<HMAC of those>``. Unforgeable without the secret;
+    the nonce tells one browser's token from another's."""
+    payload = f"{user_id}.{int(time.time())}.{secrets.token_urlsafe(16)}"
+    return f"{payload}.{_device_mac(key, payload)}"
+
+
+def read_device_token(key: bytes, token: str, max_age_s: int) -> tuple[int, str] | None:
+    """(user id, nonce) of a genuine device token not older than ``max_age_s``, else None."""
+    parts = token.split(".")
+    if len(token) > 200 or len(parts) != 4:
+        return None
+    payload = ".".join(parts[:3])
+    if not hmac.compare_digest(parts[3].encode(), _device_mac(key, payload).encode()):
+        return None
+    try:
+        user_id, issued = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if not 0 <= time.time() - issued <= max_age_s:
+        return None
+    return user_id, parts[2]

@@ -202,6 +202,21 @@ class ExportSlots:
             del self.by_user[user_id]
 
 
+#: A cell starting with one of these is a formula to a spreadsheet (tab and carriage return
+#: too: some programs skip them before looking). OWASP's "CSV injection" advice.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str | None) -> str:
+    """A text cell for the CSV export: device-supplied text is not trusted to open safely in
+    a spreadsheet (``=HYPERLINK(...)`` leaks data, ``=cmd|...`` ran programs), so a value
+    that starts like a formula gets a leading single quote, which spreadsheets read as
+    "this is text". The JSON-lines export keeps values exactly as stored."""
+    if not value:
+        return ""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
 class Export:
     """One export: a connection of the export pool, a read-only transaction with a server-side
     cursor, and the slot it holds. :meth:`close` gives all of them back, once."""
@@ -243,8 +258,9 @@ class Export:
             buf = io.StringIO()
             writer = csv.writer(buf)
             for r in rows:
-                writer.writerow([r["time"].isoformat(), r["metric"], "" if r["value"] is None else repr(r["value"]),
-                                 r["text_value"] or ""])
+                # Numbers (a negative one starts with "-") are written by us, not the device.
+                writer.writerow([r["time"].isoformat(), csv_text(r["metric"]),
+                                 "" if r["value"] is None else repr(r["value"]), csv_text(r["text_value"])])
             return buf.getvalue().encode()
         return "".join(json.dumps({"time": r["time"].isoformat(), "metric": r["metric"], "value": r["value"],
                                    "text": r["text_value"]}) + "\n" for r in rows).encode()

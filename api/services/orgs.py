@@ -10,6 +10,7 @@ import msgspec
 from litestar.params import FromPath
 from msgspec import Meta
 
+from api.access import MATRIX
 from api.auth.service import Principal, Session
 from api.roles import Role
 from api.services.audit import Audit
@@ -21,6 +22,10 @@ from lms_core.topics import SLUG_PATTERN
 
 if TYPE_CHECKING:
     from api.access import OrgAccess
+
+#: The permission a member needs to keep the technician broker logins they created
+#: (api/access.py MATRIX); the logins are revoked when it is taken away.
+TECH_PERM = "mqtt_credentials.manage"
 
 Slug = Annotated[str, Meta(pattern=SLUG_PATTERN, examples=[])]
 
@@ -107,6 +112,8 @@ class OrgService:
             await _keep_an_owner(conn, access.org_id)
             await audit.write(conn, "member.role_changed", actor=access.principal.user_id, org_id=access.org_id,
                               target=user["email"], detail={"from": before, "to": role})
+            if not may_keep_technician_logins(role):
+                await self._revoke_technician_logins(conn, access, user["id"], audit, f"member demoted to {role}")
         return Member(user_id=user["id"], email=user["email"], role=role)
 
     async def remove_member(self, access: OrgAccess, email: str, audit: Audit) -> None:
@@ -114,7 +121,7 @@ class OrgService:
             row = await conn.fetchrow(
                 """DELETE FROM memberships m USING users u
                    WHERE m.user_id = u.id AND m.org_id = $1 AND lower(u.email) = lower($2)
-                   RETURNING m.role""", access.org_id, email)
+                   RETURNING m.role, m.user_id""", access.org_id, email)
             if row is None:
                 raise NotFound(f"{email!r} is not a member")
             if row["role"] == "owner" and access.role not in ("owner", "superuser"):
@@ -122,6 +129,25 @@ class OrgService:
             await _keep_an_owner(conn, access.org_id)
             await audit.write(conn, "member.removed", actor=access.principal.user_id, org_id=access.org_id,
                               target=email, detail={"role": row["role"]})
+            await self._revoke_technician_logins(conn, access, row["user_id"], audit, "member removed")
+
+    async def _revoke_technician_logins(self, conn: asyncpg.Connection, access: OrgAccess, user_id: int,
+                                        audit: Audit, reason: str) -> None:
+        """Revoke (and disconnect) the technician broker logins ``user_id`` created here, in the
+        membership change's transaction: a login must not outlive its creator's right to make
+        it. The broker is only contacted when there is something to revoke."""
+        if not await conn.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM mqtt_credentials
+                   WHERE org_id = $1 AND created_by = $2 AND revoked_at IS NULL)""", access.org_id, user_id):
+            return
+        async with Provisioner.open(self.settings, self.pool) as prov:
+            await prov.revoke_technicians_created_by(conn, access.org_id, user_id, record=audit.record(
+                "mqtt_credential.revoked", actor=access.principal.user_id, org_id=access.org_id,
+                detail={"reason": reason}))
+
+
+def may_keep_technician_logins(role: str) -> bool:
+    return role in MATRIX[TECH_PERM]
 
 
 async def _keep_an_owner(conn: asyncpg.Connection, org_id: int) -> None:

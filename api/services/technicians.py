@@ -11,6 +11,8 @@ import msgspec
 from msgspec import Meta
 
 from api.services.audit import Audit
+from api.services.errors import Forbidden
+from api.services.orgs import may_keep_technician_logins
 from lms_core.errors import NotFound
 from lms_core.provisioning import Provisioner
 from lms_core.settings import MqttUrl, Settings
@@ -50,11 +52,24 @@ class TechnicianService:
 
     async def create(self, access: OrgAccess, data: TechnicianCreate, audit: Audit) -> TechnicianCreated:
         expires = datetime.now(UTC) + timedelta(hours=data.expires_in_hours)
+        write_audit = audit.record("mqtt_credential.created", actor=access.principal.user_id,
+                                   org_id=access.org_id, detail={"expires_at": expires.isoformat()})
+
+        async def record(conn: asyncpg.Connection, target: str) -> None:
+            # The creator's membership, locked until this login commits: a demotion or removal
+            # running at the same time waits for it, then revokes it with the creator's other
+            # logins (api/services/orgs.py), or went first and is seen here.
+            if access.role != "superuser":
+                role = await conn.fetchval(
+                    "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2 FOR SHARE",
+                    access.org_id, access.principal.user_id)
+                if not may_keep_technician_logins(role or ""):
+                    raise Forbidden("your role in this organization changed; you may no longer create broker logins")
+            await write_audit(conn, target)
+
         async with Provisioner.open(self.settings, self.pool) as prov:
             cred_id, username, password = await prov.create_technician(
-                access.org_id, access.slug, data.label, expires, access.principal.user_id,
-                record=audit.record("mqtt_credential.created", actor=access.principal.user_id, org_id=access.org_id,
-                                    detail={"expires_at": expires.isoformat()}))
+                access.org_id, access.slug, data.label, expires, access.principal.user_id, record=record)
         url = MqttUrl.parse(self.settings.device_mqtt_url)
         topic = f"{self.settings.topic_root}/{access.slug}/#"
         # The login's client id is pinned to its username (lms_core/broker.py): -i is required.
