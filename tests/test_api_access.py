@@ -22,10 +22,14 @@ class User:
     def __init__(self, api: ApiProcess, email: str) -> None:
         self.email = email
         self.client = httpx.Client(base_url=api.url, timeout=15)
-        r = self.client.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})
-        assert r.status_code in (201, 409), r.text
-        r = self.client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
-        assert r.status_code == 200, r.text
+        try:
+            r = self.client.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})
+            assert r.status_code in (201, 409), r.text
+            r = self.client.post("/api/v1/auth/login", json={"email": email, "password": PASSWORD})
+            assert r.status_code == 200, r.text
+        except BaseException:
+            self.client.close()  # a failed set-up must not leak its socket into a later test
+            raise
         self.client.cookies.clear()
         self.client.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
 
