@@ -43,12 +43,10 @@ import contextlib
 import logging
 import time
 
-import paho.mqtt.client as paho
-
 from bridge.metrics import BridgeMetrics
 from bridge.store import Store
+from lms_core.broker import clear_retained
 from lms_core.errors import BrokerError
-from lms_core.mqtt import AsyncMqttClient
 from lms_core.settings import Settings
 from lms_core.topics import DEVICE_PUBLISHES
 
@@ -74,8 +72,6 @@ class RetainedJanitor:
         root = settings.topic_root
         self.filters = [f"{root}/+/+/{kind}" for kind in DEVICE_PUBLISHES if kind != "status"]
         self.client_id = f"{settings.bridge.client_id}-janitor"
-        self._found: list[str] = []
-        self._more = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep at once, then every interval, until ``stop``; a failed sweep is retried at
@@ -92,35 +88,18 @@ class RetainedJanitor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)
 
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
-        if msg.retain and msg.payload:
-            self._found.append(msg.topic)
-            self._more.set()
-
     async def sweep(self) -> int:
         """One sweep; returns how many retained messages were cleared."""
-        self._found = []
-        async with AsyncMqttClient(self.settings.mqtt, client_id=self.client_id, on_message=self._on_message,
-                                   name="retained janitor") as mqtt:
-            # QoS 0: a replay the broker drops is found again by the next sweep.
-            await mqtt.subscribe(self.filters, qos=0)
-            deadline = time.monotonic() + MAX_SWEEP_S
-            while time.monotonic() < deadline:
-                self._more.clear()
-                try:
-                    await asyncio.wait_for(self._more.wait(), QUIET_S)
-                except TimeoutError:
-                    break  # the replay is over
-            await mqtt.unsubscribe(self.filters)
-            topics = list(dict.fromkeys(self._found))
-            self._found = []
-            cleared = self.store.cleared
-            now = time.time()
-            for topic, until in list(cleared.items()):
-                if until < now:
-                    del cleared[topic]
-            for topic in topics:
-                cleared[topic] = now + ECHO_S  # before the publish: its echo may come at once
-                await mqtt.publish(topic, b"", qos=1, retain=True)
-                self.metrics.retained_cleared.inc()
+        cleared = self.store.cleared
+        now = time.time()
+        for topic, until in list(cleared.items()):
+            if until < now:
+                del cleared[topic]
+
+        def remember(topic: str) -> None:
+            cleared[topic] = time.time() + ECHO_S  # before the publish: its echo may come at once
+            self.metrics.retained_cleared.inc()
+
+        topics = await clear_retained(self.settings.mqtt, self.filters, client_id=self.client_id,
+                                      before_clear=remember, quiet=QUIET_S, limit=MAX_SWEEP_S)
         return len(topics)

@@ -36,6 +36,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,16 +365,16 @@ class BrokerAdmin:
         for i in range(0, len(cmds), 200):  # one bounded message each (see reconcile)
             await self.execute(cmds[i : i + 200], ignore=("not found",))
 
-    async def forget(self, client_ids: list[str], retained_topics: list[str]) -> None:
-        """Discard what the broker keeps for deleted logins: their sessions (subscriptions
-        and queued messages, which a later login of the same client id would otherwise
-        resume, and which keep collecting messages of a later organization of the same
-        slug) and their retained messages.
+    async def forget(self, client_ids: list[str]) -> None:
+        """Discard the sessions of deleted logins (subscriptions and queued messages, which a
+        later login of the same client id would otherwise resume, and which keep collecting
+        messages of a later organization of the same slug).
 
         The service account's client id is not pinned (module docstring), so it can
         connect under each id with a clean session, which is how MQTT discards one.
-        Run after the logins were deleted, so nobody else is connected under those ids
-        (and a kicked device's Last Will was already published, then cleared here).
+        Run after the logins were deleted, so nobody else is connected under those ids;
+        their retained messages (a kicked device's Last Will included, published by then)
+        go with :meth:`clear_retained` afterwards.
         """
         async def discard(client_id: str) -> None:
             async with AsyncMqttClient(self._url, client_id=client_id, name="session discard"):
@@ -381,40 +382,10 @@ class BrokerAdmin:
 
         for i in range(0, len(client_ids), 20):
             await asyncio.gather(*(discard(c) for c in client_ids[i : i + 20]))
-        for topic in retained_topics:
-            # An empty retained message deletes the retained one (MQTT 3.1.1 3.3.1.3).
-            await self._mqtt.publish(topic, b"", qos=1, retain=True)
 
-    async def clear_retained(self, topic_filter: str, *, quiet: float = 0.5, limit: float = 30) -> int:
-        """Delete every retained message under ``topic_filter``; return how many.
-
-        The broker replays retained messages to a new subscription (flag set) right after
-        the SUBACK; each is answered with an empty retained message. Done on a connection of
-        its own, so the answers to this admin's commands are not mixed with the replay.
-        """
-        found: list[str] = []
-        more = asyncio.Event()
-
-        def on_message(msg: Any) -> None:
-            if msg.retain and msg.payload:
-                found.append(msg.topic)
-                more.set()
-
-        cleared = 0
-        async with AsyncMqttClient(self._url, on_message=on_message, name="retained clear") as mqtt:
-            await mqtt.subscribe([topic_filter], qos=0)
-            deadline = asyncio.get_running_loop().time() + limit
-            while asyncio.get_running_loop().time() < deadline:
-                more.clear()
-                try:
-                    await asyncio.wait_for(more.wait(), quiet)
-                except TimeoutError:
-                    break
-            await mqtt.unsubscribe([topic_filter])
-            for topic in dict.fromkeys(found):
-                await mqtt.publish(topic, b"", qos=1, retain=True)
-                cleared += 1
-        return cleared
+    async def clear_retained(self, topic_filter: str) -> int:
+        """Delete every retained message under ``topic_filter``; return how many."""
+        return len(await clear_retained(self._url, [topic_filter]))
 
     async def delete_client(self, username: str) -> None:
         """Delete a client; connected sessions of it are disconnected by the plugin."""
@@ -438,6 +409,44 @@ class BrokerAdmin:
     async def list_roles(self) -> dict[str, list[dict[str, Any]]]:
         (resp,) = await self.execute([{"command": "listRoles", "verbose": True, "count": -1}])
         return {r["rolename"]: r.get("acls", []) for r in resp.get("data", {}).get("roles", [])}
+
+
+async def clear_retained(url: MqttUrl, filters: list[str], *, client_id: str = "",
+                         before_clear: Callable[[str], None] | None = None,
+                         quiet: float = 0.5, limit: float = 30) -> list[str]:
+    """Delete every retained message under ``filters``; return the topics cleared.
+
+    The broker replays retained messages to a new subscription (flag set) right after the
+    SUBACK; a pause of ``quiet`` s without another ends the replay (live messages may keep
+    coming, so it cannot wait for silence), ``limit`` s end it regardless. Each is answered
+    with an empty retained message, which deletes it (MQTT 3.1.1 3.3.1.3); ``before_clear``
+    is told each topic just before. A connection of its own, so the replay is never mixed
+    with anything else. QoS 0: a replay the broker drops is found by the next call.
+    """
+    found: list[str] = []
+    more = asyncio.Event()
+
+    def on_message(msg: Any) -> None:
+        if msg.retain and msg.payload:
+            found.append(msg.topic)
+            more.set()
+
+    async with AsyncMqttClient(url, client_id=client_id, on_message=on_message, name="retained clear") as mqtt:
+        await mqtt.subscribe(filters, qos=0)
+        deadline = asyncio.get_running_loop().time() + limit
+        while asyncio.get_running_loop().time() < deadline:
+            more.clear()
+            try:
+                await asyncio.wait_for(more.wait(), quiet)
+            except TimeoutError:
+                break
+        await mqtt.unsubscribe(filters)
+        topics = list(dict.fromkeys(found))
+        for topic in topics:
+            if before_clear is not None:
+                before_clear(topic)
+            await mqtt.publish(topic, b"", qos=1, retain=True)
+    return topics
 
 
 def _acl_set(acls: list[dict[str, Any]]) -> set[tuple[Any, Any, bool]]:

@@ -266,8 +266,7 @@ class Provisioner:
             await self.admin.delete_device(org, device)
             # A device created later under the same slugs must not resume this one's session
             # (its queued commands) nor show its retained status and config.
-            await self.admin.forget([device_username(org, device)],
-                                    [f"{self.topics.device_prefix(org, device)}/{k}" for k in ("status", "config")])
+            await self.admin.forget([device_username(org, device)])
             await self.admin.clear_retained(f"{self.topics.device_prefix(org, device)}/#")
         log.info("device deleted", extra={"org": org, "device": device, "purge": purge})
 
@@ -297,12 +296,10 @@ class Provisioner:
             if record is not None:
                 await record(conn, org)
             await self.admin.delete_org_logins(org, devices, techs)
-            await self.admin.forget(
-                [device_username(org, d) for d in devices] + techs,
-                [f"{self.topics.device_prefix(org, d)}/{kind}" for d in devices for kind in ("status", "config")])
-            # Whatever else is retained under the organization (a command result, reported
-            # config, telemetry retained before the broker refused it): a later organization
-            # of the same slug must not be handed any of it.
+            await self.admin.forget([device_username(org, d) for d in devices] + techs)
+            # Everything retained under the organization (status and config, a command
+            # result, reported config, anything retained before the broker refused it): a
+            # later organization of the same slug must not be handed any of it.
             await self.admin.clear_retained(f"{self.topics.root}/{org}/#")
         log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
 
