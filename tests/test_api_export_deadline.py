@@ -12,6 +12,7 @@ import httpx
 
 from tests.harness import Stack, wait_until
 from tests.test_api_access import User
+from tests.test_api_export_limits import big_device, open_export
 
 ROWS = 200_000  # ~10 MB of CSV: at ~100 kB/s, far longer than the deadline
 MAX_S = 3
@@ -24,20 +25,9 @@ def test_a_steady_trickle_is_cut_off_at_the_deadline_and_frees_its_slot(stack: S
     s: socket.socket | None = None
     try:
         assert owner.call("POST", "/api/v1/orgs", {"slug": org}).status_code == 201
-        assert owner.call("POST", f"/api/v1/orgs/{org}/devices", {"slug": "big"}).status_code == 201
-        dev_id = stack.scalar("SELECT d.id FROM devices d JOIN organizations o ON o.id = d.org_id "
-                              "WHERE o.slug = $1 AND d.slug = 'big'", org)
-        stack.query("""INSERT INTO readings (time, device_id, metric, value)
-                       SELECT now() - interval '2 hours' + i * interval '10 ms', $1, 'm' || (i % 3), i
-                       FROM generate_series(1, $2) i""", dev_id, ROWS)
-        path = f"/api/v1/orgs/{org}/devices/big/export?format=csv"
+        path = big_device(stack, owner, org, ROWS)
         token = owner.client.headers["Authorization"].split(" ", 1)[1]
-
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
-        s.settimeout(15)
-        s.connect(("127.0.0.1", api.port))
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        s = open_export(api.port, path, token)
         started = time.monotonic()
         received = b""
         checked_busy = False

@@ -19,7 +19,20 @@ USERS = 5
 PER_USER = 4  # 20 exports in all
 
 
-def _open_export(port: int, path: str, token: str) -> socket.socket:
+def big_device(stack: Stack, owner: User, org: str, rows: int) -> str:
+    """A device ``big`` in ``org`` with ``rows`` readings written straight into the table (the
+    bridge is not what these tests are about); returns its export path."""
+    assert owner.call("POST", f"/api/v1/orgs/{org}/devices", {"slug": "big"}).status_code == 201
+    dev_id = stack.scalar("SELECT d.id FROM devices d JOIN organizations o ON o.id = d.org_id "
+                          "WHERE o.slug = $1 AND d.slug = 'big'", org)
+    stack.query("""INSERT INTO readings (time, device_id, metric, value)
+                   SELECT now() - interval '2 hours' + i * interval '10 ms', $1, 'm' || (i % 3), i
+                   FROM generate_series(1, $2) i""", dev_id, rows)
+    return f"/api/v1/orgs/{org}/devices/big/export?format=csv"
+
+
+def open_export(port: int, path: str, token: str) -> socket.socket:
+    """A raw HTTP export request on a socket with a small receive window; nothing is read."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
     s.settimeout(15)
@@ -55,20 +68,14 @@ def test_stalled_exports_neither_starve_requests_nor_live_forever(stack: Stack) 
     assert owner.call("POST", "/api/v1/orgs", {"slug": org}).status_code == 201
     for u in users[1:]:
         assert owner.call("PUT", f"/api/v1/orgs/{org}/members/{u.email}", {"role": "viewer"}).status_code == 200
-    assert owner.call("POST", f"/api/v1/orgs/{org}/devices", {"slug": "big"}).status_code == 201
-    dev_id = stack.scalar("SELECT d.id FROM devices d JOIN organizations o ON o.id = d.org_id "
-                          "WHERE o.slug = $1 AND d.slug = 'big'", org)
-    # Rows straight into the table: the bridge is not what this test is about.
-    stack.query("""INSERT INTO readings (time, device_id, metric, value)
-                   SELECT now() - interval '2 hours' + i * interval '10 ms', $1, 'm' || (i % 3), i
-                   FROM generate_series(1, $2) i""", dev_id, ROWS)
+    big_device(stack, owner, org, ROWS)
     base = f"/api/v1/orgs/{org}/devices/big"
 
     sockets: list[tuple[int, socket.socket]] = []
     try:
         for i, u in enumerate(users):
             token = u.client.headers["Authorization"].split(" ", 1)[1]
-            sockets.extend((i, _open_export(api.port, f"{base}/export?format=csv", token)) for _ in range(PER_USER))
+            sockets.extend((i, open_export(api.port, f"{base}/export?format=csv", token)) for _ in range(PER_USER))
         # Every export gets an answer at once: streaming, or refused with 429 and Retry-After.
         streaming: list[tuple[int, socket.socket]] = []
         for i, s in sockets:
