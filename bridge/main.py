@@ -19,7 +19,6 @@ from bridge.retained import RetainedJanitor
 from bridge.store import Store
 from bridge.subscribe import Ingest
 from lms_core import db, migrations
-from lms_core.broker import BrokerAdmin
 from lms_core.errors import BrokerUnavailable, DatabaseUnavailable, LmsError, MigrationError
 from lms_core.provisioning import Provisioner
 from lms_core.settings import Settings
@@ -53,12 +52,11 @@ async def _open(stack: contextlib.AsyncExitStack, what: str, factory: Callable[[
     return await _retry(what, lambda: stack.enter_async_context(factory()), timeout)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    """Stop a helper task the bridge owns. Not a TaskGroup around the ingest: its errors
-    must reach the caller unwrapped; the janitor catches its own (bridge/retained.py)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a task group stopped on, so that callers (and the CLI's one-line
+    messages) see our own error types, not a group of them."""
+    first = group.exceptions[0]
+    return _unwrap(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def check_schema(pool: asyncpg.Pool) -> None:
@@ -74,9 +72,7 @@ async def check_schema(pool: asyncpg.Pool) -> None:
 
 
 async def reconcile_broker(settings: Settings, pool: asyncpg.Pool) -> dict[str, int]:
-    topics = TopicScheme(settings.topic_root)
-    async with BrokerAdmin(settings.mqtt, topics) as admin:
-        prov = Provisioner(pool, admin, topics, settings.secret_key, settings.device_mqtt_url)
+    async with Provisioner.open(settings, pool) as prov:
         return await prov.reconcile()
 
 
@@ -102,8 +98,17 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         log.info("broker reconciled with the database: %s", counts)
         store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
         ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
-        janitor = asyncio.create_task(RetainedJanitor(settings, store, metrics).run(stop), name="retained janitor")
-        stack.push_async_callback(_cancel, janitor)  # closed first: before the ingest and the pool
         log.info("bridge %s ingesting", settings.bridge.client_id)
-        await ingest.run(stop)
+        try:
+            # The tasks the bridge owns: one failing stops the others, and the group is
+            # closed before the ingest and the pool (the janitor catches its own sweep errors).
+            async with asyncio.TaskGroup() as tasks:
+                janitor = tasks.create_task(RetainedJanitor(settings, store, metrics).run(stop),
+                                            name="retained janitor")
+                try:
+                    await ingest.run(stop)
+                finally:
+                    janitor.cancel()
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
     log.info("bridge stopped")

@@ -46,10 +46,10 @@ class Ingest:
             self.filters, self.other_filters = plain, shared
         self.buffer: list[Message] = []
         #: The one thing the flusher waits on: set when the buffer gets its first message or
-        #: a full batch, when ``stop`` is set, and on a fatal error.
+        #: a full batch, and when ``stop`` is set.
         self._wake = asyncio.Event()
-        self._subscribe_task: asyncio.Task[None] | None = None
-        self._fatal: BaseException | None = None
+        #: Set on every new connection: the subscriber task (re)subscribes.
+        self._connected = asyncio.Event()
         self._draining = False
         self._backpressure = False
         # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
@@ -91,7 +91,7 @@ class Ingest:
         self.metrics.connected.set(1)
         # Subscribing again on every connection is harmless when the session kept the
         # subscription and repairs it when the broker lost its state.
-        self._subscribe_task = asyncio.create_task(self._subscribe(), name="bridge subscribe")
+        self._connected.set()
 
     def _on_disconnect(self) -> None:
         self.metrics.connected.set(0)
@@ -102,6 +102,15 @@ class Ingest:
         self._backpressure = False  # the next connection reads from a fresh socket
         if dropped:
             log.info("connection lost: %d uncommitted message(s) left to the broker to redeliver", dropped)
+
+    async def _subscriber(self) -> None:
+        """Subscribe after every (re)connection. A refused subscription raises out of this
+        task: running on would silently lose every message, so the task group around the
+        flusher stops the ingest loudly."""
+        while True:
+            await self._connected.wait()
+            self._connected.clear()
+            await self._subscribe()
 
     async def _subscribe(self) -> None:
         try:
@@ -116,10 +125,8 @@ class Ingest:
         except BrokerUnavailable:
             pass  # the connection dropped; the next connection subscribes again
         except BrokerError as exc:
-            # Refused: running on would silently lose every message. Stop loudly.
             log.error("subscription failed: %s", exc)
-            self._fatal = exc
-            self._wake.set()
+            raise
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -128,48 +135,51 @@ class Ingest:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._subscribe_task is not None:
-            self._subscribe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._subscribe_task
         # Disconnect without unsubscribing: the persistent session keeps our share of
         # the messages queued while we are away.
         await self.mqtt.close()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flush batches until ``stop`` is set, then flush what was received and return."""
-        watcher = asyncio.create_task(self._wake_on(stop), name="bridge stop watcher")
+        """Flush batches until ``stop`` is set, then flush what was received and return.
+
+        The subscriber and the stop watcher are tasks of one group owned here: a failure
+        in either cancels the flusher and reaches the caller as an ``ExceptionGroup``."""
+        async with asyncio.TaskGroup() as tasks:
+            helpers = [tasks.create_task(self._subscriber(), name="bridge subscriber"),
+                       tasks.create_task(self._wake_on(stop), name="bridge stop watcher")]
+            try:
+                await self._flush(stop)
+            finally:
+                for task in helpers:
+                    task.cancel()
+
+    async def _flush(self, stop: asyncio.Event) -> None:
         paused = False
-        try:
-            while True:
-                if self._fatal is not None:
-                    raise self._fatal
-                if stop.is_set() and not paused:
-                    # Stop taking new messages so that a busy stream cannot hold the stop
-                    # open; what is buffered is committed and acknowledged below.
-                    self.mqtt.pause_reading()
-                    paused = True
-                    log.info("stopping: committing %d buffered message(s)", len(self.buffer))
+        while True:
+            if stop.is_set() and not paused:
+                # Stop taking new messages so that a busy stream cannot hold the stop
+                # open; what is buffered is committed and acknowledged below.
+                self.mqtt.pause_reading()
+                paused = True
+                log.info("stopping: committing %d buffered message(s)", len(self.buffer))
+            if not self.buffer:
+                if stop.is_set():
+                    await self._final_barrier()
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if len(self.buffer) < self.batch_size and not stop.is_set():
+                # A partial batch waits up to flush_ms for more (or for stop).
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.flush_s):
+                        await self._wake.wait()
                 if not self.buffer:
-                    if stop.is_set():
-                        await self._final_barrier()
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                if len(self.buffer) < self.batch_size and not stop.is_set():
-                    # A partial batch waits up to flush_ms for more (or for stop).
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.flush_s):
-                            await self._wake.wait()
-                    if self._fatal is not None or not self.buffer:
-                        continue  # (the buffer empties when the connection drops)
-                batch = self.buffer[: self.batch_size]
-                del self.buffer[: self.batch_size]
-                await self._commit(batch, stop)
-        finally:
-            watcher.cancel()
+                    continue  # (the buffer empties when the connection drops)
+            batch = self.buffer[: self.batch_size]
+            del self.buffer[: self.batch_size]
+            await self._commit(batch, stop)
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
