@@ -18,6 +18,8 @@ from api.assets import AssetsController
 from api.auth.backend import SECURITY_SCHEMES, authentication
 from api.auth.routes import AuthController
 from api.auth.service import AuthService, retention_sweeper
+from api.commands import CommandGroupsController, CommandsController
+from api.config import ConfigController
 from api.data import DataController
 from api.deps import SERVICES
 from api.devices import DevicesController
@@ -27,7 +29,9 @@ from api.keys import ApiKeysController
 from api.observability import ApiMetrics, connection_aborter, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
 from api.services.data import ExportSlots
+from api.services.publisher import Publisher
 from api.services.technicians import TechnicianService
+from api.services.waiter import CommandWaiter
 from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
@@ -69,6 +73,8 @@ def create_app(settings: Settings) -> Litestar:
             app.state.pool = pool
             app.state.export_pool = export_pool  # streamed exports only: see api/data.py
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
+            app.state.publisher = Publisher(settings.mqtt)  # connects on first use
+            app.state.command_waiter = CommandWaiter(settings.database_url)
             sweeper = asyncio.create_task(expiry_sweeper(TechnicianService(pool, settings)),
                                           name="technician expiry sweep")
             retention = asyncio.create_task(retention_sweeper(app), name="retention sweep")
@@ -79,11 +85,14 @@ def create_app(settings: Settings) -> Litestar:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                await app.state.publisher.close()
+                await app.state.command_waiter.close()
 
     app = _App(
         route_handlers=[AuthController, OrgsController,
                         org_router(OrgController, DevicesController, DataController, TechniciansController,
-                                   ApiKeysController, AssetsController),
+                                   ApiKeysController, AssetsController, CommandsController, CommandGroupsController,
+                                   ConfigController),
                         health, ready, metrics],
         lifespan=[lifespan],
         dependencies=SERVICES,

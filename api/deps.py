@@ -16,6 +16,8 @@ from litestar.params import PathParameter
 from api.auth.service import AuthService, Principal, Session
 from api.services.assets import AssetService
 from api.services.audit import Audit
+from api.services.commands import CommandService
+from api.services.config import ConfigService
 from api.services.data import DataService
 from api.services.devices import DeviceService
 from api.services.errors import Forbidden
@@ -99,6 +101,14 @@ async def provide_data(state: State) -> DataService:
     return DataService(state.pool, state.export_pool, state.export_slots)
 
 
+async def provide_commands(state: State) -> CommandService:
+    return CommandService(state.pool, state.settings, state.publisher, state.command_waiter)
+
+
+async def provide_configs(state: State) -> ConfigService:
+    return ConfigService(state.pool, state.settings, state.publisher)
+
+
 #: Named as the handlers' parameters. ``data`` is Litestar's name for the request body,
 #: hence ``data_service``.
 SERVICES = {
@@ -111,6 +121,8 @@ SERVICES = {
     "keys": Provide(provide_keys),
     "technicians": Provide(provide_technicians),
     "data_service": Provide(provide_data),
+    "commands": Provide(provide_commands),
+    "configs": Provide(provide_configs),
 }
 
 

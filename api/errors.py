@@ -16,7 +16,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from api.services.errors import Forbidden, RateLimited, Unauthenticated
+from api.services.errors import Conflict, Forbidden, RateLimited, Unauthenticated
 from lms_core.errors import AlreadyExists, BrokerError, InvalidInput, LmsError, NotFound, StorageError
 
 log = logging.getLogger("lms.api")
@@ -58,7 +58,7 @@ def domain_exception(request: Request[Any, Any, Any], exc: LmsError) -> Response
         return error_response(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, NotFound):
         return error_response(request, 404, str(exc))
-    if isinstance(exc, AlreadyExists):
+    if isinstance(exc, AlreadyExists | Conflict):
         return error_response(request, 409, str(exc))
     if isinstance(exc, InvalidInput):
         return error_response(request, 422, str(exc))

@@ -238,18 +238,32 @@ class AsyncMqttClient:
             raise BrokerUnavailable(f"unsubscribe failed: {paho.error_string(result)}")
         await self._wait(mid, timeout)
 
-    def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> int:
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+                       expiry: int | None = None) -> int:
+        """Queue a publish; ``expiry``: MQTT 5 message expiry in seconds (the broker drops the
+        message, queued for an offline session, once it has waited that long)."""
+        props = None
+        if expiry is not None and self.protocol == paho.MQTTv5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+            props.MessageExpiryInterval = expiry
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise BrokerUnavailable(f"publish failed: {paho.error_string(info.rc)}")
         return info.mid
 
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                      timeout: float = 10) -> None:
-        """Publish and, for QoS 1, wait for the broker's PUBACK."""
-        mid = self.publish_nowait(topic, payload, qos, retain)
+                      timeout: float = 10, expiry: int | None = None) -> None:
+        """Publish and, for QoS 1, wait for the broker's PUBACK; raise BrokerError when the
+        broker refused it (an MQTT 5 reason code of 0x80 or more)."""
+        mid = self.publish_nowait(topic, payload, qos, retain, expiry)
         if qos:
-            await self._wait(mid, timeout)
+            await self.wait_published(mid, timeout)
+
+    async def wait_published(self, mid: int, timeout: float = 10) -> None:
+        """Wait for the PUBACK of publish ``mid`` (see :meth:`publish`)."""
+        reason = await self._wait(mid, timeout)
+        if getattr(reason, "is_failure", False):
+            raise BrokerError(f"broker refused the message: {reason}")
 
     def pause_reading(self) -> None:
         """Stop reading from the socket (writes, e.g. acknowledgements, still go out).

@@ -257,6 +257,18 @@ class ApiSettings(msgspec.Struct, frozen=True):
         "its reader takes it (narrow the time range for more)", ge=1, le=86400)] = 600
 
 
+    # Cloud to device (api/services/commands.py, api/services/config.py).
+    command_max_ttl_s: Annotated[int, setting(
+        "LMS_COMMAND_MAX_TTL_SECONDS", "the longest a command may wait for its device (its ttl_seconds)",
+        ge=1, le=30 * 86400)] = 7 * 86400
+    command_params_max_bytes: Annotated[int, setting(
+        "LMS_COMMAND_PARAMS_MAX_BYTES", "largest command params, as JSON", ge=2, le=256 * 1024)] = 8 * 1024
+    fleet_max_devices: Annotated[int, setting(
+        "LMS_COMMAND_FLEET_MAX_DEVICES", "most devices one fleet command may address", ge=1, le=100_000)] = 10_000
+    config_max_bytes: Annotated[int, setting(
+        "LMS_CONFIG_MAX_BYTES", "largest desired configuration document, as JSON", ge=2, le=256 * 1024)] = 16 * 1024
+
+
 class Settings(msgspec.Struct, frozen=True):
     database_url: Annotated[str, setting(
         "LMS_DATABASE_URL", "the database", accepts="`postgresql://user:password@host:port/db`",

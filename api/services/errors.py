@@ -7,8 +7,10 @@
     ├── Forbidden              the caller may not do this                -> 403
     │   ├── WrongPassword          the current password, when changing it
     │   └── RegistrationClosed     self-service sign-up is turned off
-    └── RateLimited            too many attempts; ``retry_after`` seconds -> 429
-        └── TooManyAttempts        logins, sign-ups
+    ├── RateLimited            too many attempts; ``retry_after`` seconds -> 429
+    │   └── TooManyAttempts        logins, sign-ups
+    └── Conflict               the resource's state does not allow it    -> 409
+                               (e.g. cancelling a command that has finished)
 """
 
 from __future__ import annotations
@@ -45,3 +47,7 @@ class RateLimited(LmsError):
 class TooManyAttempts(RateLimited):
     def __init__(self, retry_after: int, message: str = "too many failed logins; try again later") -> None:
         super().__init__(retry_after, message)
+
+
+class Conflict(LmsError):
+    pass
