@@ -251,3 +251,27 @@ def test_a_late_unsuback_does_not_stop_the_bridge(own_stack: Stack, unique: str)
     alive, readings = asyncio.run(run())
     assert alive, "the bridge stopped while the broker's answer was on its way"
     assert readings == 5
+
+
+def test_a_refused_subscription_stops_the_bridge_with_one_line(own_stack: Stack) -> None:
+    """Running on without its subscription would silently lose every message: the
+    subscriber task's error stops the ingest (its task group) and reaches the command line
+    as one line, not as a traceback or an exception group."""
+    from lms_core.broker import PLATFORM_ROLE, BrokerAdmin
+
+    s = own_stack
+    bridge = s.start_bridge()
+
+    async def take_away_subscribing() -> None:
+        async with BrokerAdmin(s.mqtt_url, TopicScheme()) as admin:
+            acls = [{"acltype": "publishClientSend", "topic": "lms/#", "priority": 0, "allow": True}]
+            await admin.execute([{"command": "modifyRole", "rolename": PLATFORM_ROLE, "acls": acls}])
+
+    asyncio.run(take_away_subscribing())
+    s.mq.stop()  # the bridge subscribes again on its next connection: refused now
+    s.mq.start()
+    assert bridge.proc is not None
+    bridge.proc.wait(30)
+    assert bridge.proc.returncode != 0
+    text = bridge.log_text()
+    assert "refused subscription" in text and "Traceback" not in text and "ExceptionGroup" not in text, text[-3000:]
