@@ -15,10 +15,12 @@ broker, so it does not lock devices out by itself.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +43,7 @@ from lms_core.broker import (
     tech_acls,
     tech_rolename,
 )
+from lms_core.commands import config_payload
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme, check_slug
 
@@ -304,10 +307,11 @@ class Provisioner:
         log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
 
     async def reconcile(self) -> dict[str, int]:
-        """Make the broker's device clients and roles match the database.
+        """Make the broker's device clients, roles and retained configuration match the database.
 
         Creates what is missing, fixes ACLs and enabled state, deletes device clients and
-        roles the database does not know. Returns counts of each kind of change.
+        roles the database does not know, and publishes every device's desired configuration
+        again, retained (``config_restored``). Returns counts of each kind of change.
         """
         async with self.pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", RECONCILE_LOCK)
@@ -400,7 +404,36 @@ class Provisioner:
         # message from growing without bound for a large fleet.
         for i in range(0, len(cmds), 200):
             await self.admin.execute(cmds[i : i + 200])
+        counts["config_restored"] = await self._restore_config(conn)
         return counts
+
+    async def _restore_config(self, conn: asyncpg.Connection) -> int:
+        """Publish each device's desired configuration retained on its ``config`` topic.
+
+        A broker that lost its persistence file lost these too, and a device reads its
+        configuration from the retained message when it connects. The broker cannot be asked
+        which retained messages it holds short of subscribing to all of them, so every one
+        is published: a broker that kept its state gets the same message again, which
+        changes nothing for a device (the same version). Deleted configuration is not here:
+        the API clears its retained message when it deletes it.
+        """
+        rows = await conn.fetch(
+            """SELECT o.slug AS org, d.slug AS device, c.desired, c.desired_version
+               FROM device_config c JOIN devices d ON d.id = c.device_id JOIN organizations o ON o.id = d.org_id
+               WHERE c.desired IS NOT NULL ORDER BY c.device_id""")
+        messages = []
+        for r in rows:
+            desired = json.loads(r["desired"])
+            if not isinstance(desired, dict):  # the API stores objects only; never guess
+                log.warning("desired config of %s/%s is not a JSON object; not published", r["org"], r["device"])
+                continue
+            messages.append((f"{self.topics.device_prefix(r['org'], r['device'])}/config",
+                             config_payload(r["desired_version"], desired)))
+        # In groups: each publish waits for its PUBACK, a group shares the round trips.
+        for i in range(0, len(messages), 200):
+            await asyncio.gather(*(self.admin.publish(topic, payload, retain=True)
+                                   for topic, payload in messages[i : i + 200]))
+        return len(messages)
 
 
 async def _update_device(conn: asyncpg.Connection, org: str, device: str, assignments: str, value: object) -> None:
