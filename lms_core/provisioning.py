@@ -58,6 +58,11 @@ log = logging.getLogger("lms.provisioning")
 #: re-enable a device being disabled.
 RECONCILE_LOCK = 0x4C4D5302
 
+#: Reconcile restores retained configuration this many devices at a time, each group under
+#: its rows' share locks (:meth:`Provisioner._restore_config`): an API change of one of them
+#: waits at most for one group's publishes and their PUBACKs.
+RESTORE_GROUP = 200
+
 #: Writes the audit record of a change (the API's): called with the change's connection and
 #: target inside the change's transaction, before the broker is touched, so that the change
 #: and its record commit together or not at all (a crash in between cannot lose the record).
@@ -416,24 +421,37 @@ class Provisioner:
         is published: a broker that kept its state gets the same message again, which
         changes nothing for a device (the same version). Deleted configuration is not here:
         the API clears its retained message when it deletes it.
+
+        The API changes a desired document and publishes it while holding its row ``FOR
+        UPDATE`` (api/services/config.py). Each group here is read ``FOR SHARE`` and published
+        before its transaction ends, so a change either waits for this publish or is read
+        here after it committed: the retained message is never put back to an older version.
+        Groups bound how long a change may wait.
         """
-        rows = await conn.fetch(
-            """SELECT o.slug AS org, d.slug AS device, c.desired, c.desired_version
-               FROM device_config c JOIN devices d ON d.id = c.device_id JOIN organizations o ON o.id = d.org_id
-               WHERE c.desired IS NOT NULL ORDER BY c.device_id""")
-        messages = []
-        for r in rows:
-            desired = json.loads(r["desired"])
-            if not isinstance(desired, dict):  # the API stores objects only; never guess
-                log.warning("desired config of %s/%s is not a JSON object; not published", r["org"], r["device"])
-                continue
-            messages.append((f"{self.topics.device_prefix(r['org'], r['device'])}/config",
-                             config_payload(r["desired_version"], desired)))
-        # In groups: each publish waits for its PUBACK, a group shares the round trips.
-        for i in range(0, len(messages), 200):
-            await asyncio.gather(*(self.admin.publish(topic, payload, retain=True)
-                                   for topic, payload in messages[i : i + 200]))
-        return len(messages)
+        ids = [r["device_id"] for r in await conn.fetch(
+            "SELECT device_id FROM device_config WHERE desired IS NOT NULL ORDER BY device_id")]
+        restored = 0
+        for i in range(0, len(ids), RESTORE_GROUP):
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    """SELECT o.slug AS org, d.slug AS device, c.desired, c.desired_version
+                       FROM device_config c JOIN devices d ON d.id = c.device_id
+                       JOIN organizations o ON o.id = d.org_id
+                       WHERE c.device_id = ANY($1::bigint[]) AND c.desired IS NOT NULL
+                       ORDER BY c.device_id FOR SHARE OF c""", ids[i : i + RESTORE_GROUP])
+                messages = []
+                for r in rows:
+                    desired = json.loads(r["desired"])
+                    if not isinstance(desired, dict):  # the API stores objects only; never guess
+                        log.warning("desired config of %s/%s is not a JSON object; not published",
+                                    r["org"], r["device"])
+                        continue
+                    messages.append((f"{self.topics.device_prefix(r['org'], r['device'])}/config",
+                                     config_payload(r["desired_version"], desired)))
+                # Together: each publish waits for its PUBACK, the group shares the round trips.
+                await asyncio.gather(*(self.admin.publish(topic, payload, retain=True) for topic, payload in messages))
+                restored += len(messages)
+        return restored
 
 
 async def _update_device(conn: asyncpg.Connection, org: str, device: str, assignments: str, value: object) -> None:

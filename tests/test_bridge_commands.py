@@ -488,3 +488,43 @@ def test_reconcile_on_a_broker_that_kept_its_state_publishes_the_same_config(sta
         assert _retained_config(stack, dev) == [{"a": [3], "version": 8}]
     finally:
         dev.close()
+
+
+def test_reconcile_waits_for_a_config_change_in_progress_and_publishes_its_version(
+        stack: Stack, unique: str) -> None:
+    """The API changes desired config and publishes it holding the row FOR UPDATE. A reconcile
+    reading the old version meanwhile and publishing it afterwards would put the broker's
+    retained message back to it; reconcile reads each row FOR SHARE, so it waits."""
+    creds = stack.create_device(unique, "cfg")
+    _set_desired(stack, unique, "cfg", {"v": 1}, 1)
+    topic = f"lms/{unique}/cfg/config"
+
+    async def run() -> dict[str, int]:
+        api = await asyncpg.connect(stack.pg.url)
+        try:
+            tr = api.transaction()
+            await tr.start()
+            await api.execute("""SELECT 1 FROM device_config WHERE device_id = (SELECT d.id FROM devices d
+                                 JOIN organizations o ON o.id = d.org_id WHERE o.slug = $1 AND d.slug = 'cfg')
+                                 FOR UPDATE""", unique)
+            reconcile = asyncio.create_task(stack._provision("reconcile"))
+            await asyncio.sleep(1.0)
+            assert not reconcile.done(), "reconcile did not wait for the change in progress"
+            await api.execute("""UPDATE device_config SET desired = '{"v": 2}', desired_version = 2
+                                 WHERE device_id = (SELECT d.id FROM devices d JOIN organizations o
+                                 ON o.id = d.org_id WHERE o.slug = $1 AND d.slug = 'cfg')""", unique)
+            async with BrokerAdmin(stack.mqtt_url, TopicScheme()) as admin:
+                await admin.publish(topic, config_payload(2, {"v": 2}), retain=True)
+            await tr.commit()
+            return await asyncio.wait_for(reconcile, 30)
+        finally:
+            await api.close()
+
+    counts = asyncio.run(run())
+    assert counts["config_restored"] >= 1
+    dev = Device(stack.mq.port, creds)
+    assert dev.connect().value == 0
+    try:
+        assert _retained_config(stack, dev) == [{"v": 2, "version": 2}]
+    finally:
+        dev.close()
