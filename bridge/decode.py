@@ -11,6 +11,10 @@ Telemetry forms:
 3. batch ``[stamped, ...]`` - a device flushing its offline buffer.
 Numbers and booleans become ``value`` (float), strings ``text_value``; nested objects
 are flattened with ".".
+
+Cloud to device, the device's side (lms_core/commands.py): ``commands/{id}/result`` becomes
+a :class:`CommandReply` and ``config/reported`` a :class:`ReportedConfig`. Whether the
+command exists and is the device's own is the store's finding (it needs the database).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import msgspec
 
+from lms_core.commands import COMMAND_ID_RE, REPLIES
 from lms_core.settings import Limits
 from lms_core.topics import DeviceTopic, TopicKind
 
@@ -63,13 +68,38 @@ class DeviceEvent(msgspec.Struct, gc=False, frozen=True):
     data: str
 
 
+class CommandReply(msgspec.Struct, gc=False, frozen=True):
+    """A ``commands/{id}/result`` message: the device's answer to command ``command_id``.
+    ``result`` is JSON text (None when absent or null), ``error`` the device's message."""
+
+    command_id: int
+    status: str
+    result: str | None
+    error: str | None
+
+
+class ReportedConfig(msgspec.Struct, gc=False, frozen=True):
+    """A ``config/reported`` message: the configuration the device applied, as JSON text
+    of the object without its ``version``."""
+
+    version: int
+    document: str
+
+
 class Replayed(msgspec.Struct, gc=False, frozen=True):
     """A retained message the broker replayed to a new subscription: it was stored when
     it was first published, so it is not stored again."""
 
 
 REPLAYED = Replayed()
-Decoded = Readings | Presence | DeviceEvent | Replayed
+Decoded = Readings | Presence | DeviceEvent | CommandReply | ReportedConfig | Replayed
+
+#: The largest ``bigint``: a command id (19 digits may exceed it) or a version beyond it
+#: cannot be a row's, and asyncpg would refuse to send it, failing the whole batch.
+MAX_BIGINT = 2**63 - 1
+#: ``error`` of a command result: a message for a person, not a log.
+MAX_REPLY_ERROR_CHARS = 1000
+_REPLY_FIELDS = frozenset({"status", "result", "error"})
 
 
 class TelemetryDecoder:
@@ -203,6 +233,10 @@ class TelemetryDecoder:
         if kind is _EVENTS:
             when, etype, data = self.event(payload, now)
             return DeviceEvent(when, etype, data)
+        if kind is _COMMAND_RESULT:
+            return self.command_reply(topic.command_id, payload)
+        if kind is _CONFIG_REPORTED:
+            return self.reported_config(payload)
         raise Rejected(f"the bridge does not take messages on '{topic.rest}'")
 
     def telemetry(self, payload: Payload, now: float) -> list[Row]:
@@ -248,6 +282,46 @@ class TelemetryDecoder:
         when = self.timestamp(doc["ts"], now) if "ts" in doc else datetime.fromtimestamp(now, UTC)
         return when, etype, _json_encode(data).decode()
 
+    def command_reply(self, command_id: str | None, payload: Payload) -> CommandReply:
+        """A ``commands/{id}/result`` message: ``{"status": ..., "result"?: any, "error"?: str}``."""
+        if command_id is None or not COMMAND_ID_RE.fullmatch(command_id) or int(command_id) > MAX_BIGINT:
+            raise Rejected(f"command id {_short(command_id)} is not a command id: the topic is "
+                           "commands/{id}/result with the id of the command received, a decimal number from 1")
+        doc = self._parse(payload)
+        if type(doc) is not dict:
+            raise Rejected(f"command result must be a JSON object, got {_short(doc)}")
+        extra = doc.keys() - _REPLY_FIELDS
+        if extra:
+            raise Rejected(f"command result has unknown fields: {', '.join(sorted(extra))[:80]} "
+                           "(allowed: status, result, error)")
+        status = doc.get("status")
+        if type(status) is not str or status not in REPLIES:
+            raise Rejected(f"command result status must be one of {', '.join(REPLIES)}, got {_short(status)}")
+        error = doc.get("error")
+        if error is not None:
+            if type(error) is not str:
+                raise Rejected(f"command result error must be a string, got {_short(error)}")
+            if len(error) > MAX_REPLY_ERROR_CHARS:
+                raise Rejected(f"command result error longer than {MAX_REPLY_ERROR_CHARS} characters")
+        if b"\\u0000" in payload:  # PostgreSQL's text and jsonb cannot hold it
+            raise Rejected("command result contains a NUL character")
+        result = doc.get("result")
+        return CommandReply(int(command_id), status, None if result is None else _json_encode(result).decode(),
+                            error)
+
+    def reported_config(self, payload: Payload) -> ReportedConfig:
+        """A ``config/reported`` message: ``{"version": n, ...}``, n an integer from 0."""
+        doc = self._parse(payload)
+        if type(doc) is not dict:
+            raise Rejected(f"reported config must be a JSON object, got {_short(doc)}")
+        version = doc.pop("version", None)
+        if type(version) is not int or not 0 <= version <= MAX_BIGINT:
+            raise Rejected(f"reported config needs an integer \"version\" from 0 (the version of the "
+                           f"desired config applied), got {_short(version)}")
+        if b"\\u0000" in payload:
+            raise Rejected("reported config contains a NUL character")
+        return ReportedConfig(version, _json_encode(doc).decode())
+
     @staticmethod
     def status(payload: Payload) -> str | None:
         """``online``/``offline``; None for an empty payload (a cleared retained message)."""
@@ -261,6 +335,7 @@ class TelemetryDecoder:
 
 # Module constants: the routing compares by identity without a class attribute lookup.
 _TELEMETRY, _STATUS, _EVENTS = TopicKind.TELEMETRY, TopicKind.STATUS, TopicKind.EVENTS
+_COMMAND_RESULT, _CONFIG_REPORTED = TopicKind.COMMAND_RESULT, TopicKind.CONFIG_REPORTED
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,63}")
 #: Event types the bridge writes itself; a device may not forge them.
 RESERVED_EVENT_TYPES = frozenset({"status"})

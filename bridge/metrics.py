@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 #: The ``kind`` label of ``lms_bridge_messages_received``: the kinds the bridge subscribes
 #: to, and "other" for anything else.
-RECEIVED_LABELS: dict[TopicKind, str] = {k: k.value for k in (TopicKind.TELEMETRY, TopicKind.STATUS, TopicKind.EVENTS)}
+RECEIVED_LABELS: dict[TopicKind, str] = {k: k.value for k in (
+    TopicKind.TELEMETRY, TopicKind.STATUS, TopicKind.EVENTS, TopicKind.CONFIG_REPORTED, TopicKind.COMMAND_RESULT)}
 
 
 class BridgeMetrics:
@@ -42,6 +43,12 @@ class BridgeMetrics:
                                      "Batches written through the de-duplicating path", registry=r)
         self.retained_cleared = Counter("lms_bridge_retained_cleared",
                                         "Retained messages devices left outside 'status', cleared", registry=r)
+        self.command_replies = Counter(
+            "lms_bridge_command_replies", "Command results from devices, by what they did to their command "
+            "(delivered, succeeded, failed, expired, recorded, ignored, unknown_command, other_device)",
+            ["outcome"], registry=r)
+        self.config_reports = Counter("lms_bridge_config_reports",
+                                      "Reported configurations received (one stored unless a newer one is)", registry=r)
         self.connected = Gauge("lms_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
 
     def committed(self, batch: Batch, messages: int, seconds: float) -> None:
@@ -58,3 +65,7 @@ class BridgeMetrics:
             self.quarantined.labels(section).inc()
         if batch.dedup_writes:
             self.dedup_batches.inc(batch.dedup_writes)
+        for outcome, n in batch.reply_outcomes.items():
+            self.command_replies.labels(outcome).inc(n)
+        if batch.reported:
+            self.config_reports.inc(len(batch.reported))

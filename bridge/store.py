@@ -1,4 +1,5 @@
-"""Write decoded batches to PostgreSQL: readings, events, presence, quarantine.
+"""Write decoded batches to PostgreSQL: readings, events, presence, command replies,
+reported configuration, quarantine.
 
 One batch is one transaction. Readings go in by COPY straight into ``readings``; the
 unique index (device, metric, time) refuses a redelivered reading, and then - only
@@ -11,6 +12,10 @@ If PostgreSQL rejects a batch for its content (it should not: the decoder checks
 PostgreSQL would refuse), the batch is written again message by message, each in a
 savepoint, and the offending messages are quarantined with the database's reason. A
 bad message never blocks the others.
+
+Command replies move their commands in the same transaction (bridge/commands.py); a reply
+to a command that does not exist or is another device's is only found out there, so the
+quarantine rows are inserted after the replies were applied.
 """
 
 from __future__ import annotations
@@ -25,7 +30,17 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from bridge.decode import DeviceEvent, Payload, Presence, Readings, Rejected, TelemetryDecoder
+from bridge.commands import record_replies
+from bridge.decode import (
+    CommandReply,
+    DeviceEvent,
+    Payload,
+    Presence,
+    Readings,
+    Rejected,
+    ReportedConfig,
+    TelemetryDecoder,
+)
 from bridge.metrics import BridgeMetrics
 from lms_core.db import is_transient, translate
 from lms_core.topics import DeviceTopic, TopicKind, TopicScheme
@@ -100,6 +115,11 @@ class Batch:
     replayed: int = 0  # retained messages replayed by the broker, not stored again
     received: dict[TopicKind, int] = field(default_factory=dict)  # messages per topic kind
     dedup_writes: int = 0  # writes of readings through the de-duplicating path
+    #: Command replies in the order received: (message, its topic, device id, reply).
+    replies: list[tuple[Message, DeviceTopic, int, CommandReply]] = field(default_factory=list)
+    reply_outcomes: dict[str, int] = field(default_factory=dict)  # bridge/commands.py outcomes
+    #: Reported configuration per device, the last received: (version, document, received at).
+    reported: dict[int, tuple[int, str, datetime]] = field(default_factory=dict)
 
 
 _OTHER = TopicKind.OTHER
@@ -225,6 +245,14 @@ class Store:
                 b.events.append((d.when, dev_id, d.type, d.data))
                 if now > b.seen.get(dev_id, 0.0):
                     b.seen[dev_id] = now
+            elif isinstance(d, CommandReply):
+                b.replies.append((m, t, dev_id, d))
+                if now > b.seen.get(dev_id, 0.0):
+                    b.seen[dev_id] = now
+            elif isinstance(d, ReportedConfig):
+                b.reported[dev_id] = (d.version, d.document, datetime.fromtimestamp(now, UTC))
+                if now > b.seen.get(dev_id, 0.0):
+                    b.seen[dev_id] = now
             else:
                 b.replayed += 1
         return b
@@ -289,6 +317,24 @@ class Store:
                    AS u(t, d, ty, da) ON CONFLICT DO NOTHING""",
                 t, d, ty, da,
             )
+        if b.replies:
+            await self._write_replies(conn, b)
+        if b.reported:
+            ids = sorted(b.reported)  # one lock order, as for presence
+            await conn.execute(
+                # Only forward: a report redelivered after a newer one was stored (another
+                # bridge's, or after a crash between commit and acknowledgement) is older.
+                """INSERT INTO device_config AS c (device_id, reported, reported_version, reported_at)
+                   SELECT d, doc::jsonb, v, at FROM unnest($1::bigint[], $2::text[], $3::bigint[],
+                                                          $4::timestamptz[]) AS u(d, doc, v, at)
+                   ON CONFLICT (device_id) DO UPDATE SET reported = EXCLUDED.reported,
+                       reported_version = EXCLUDED.reported_version, reported_at = EXCLUDED.reported_at
+                   WHERE c.reported_at IS NULL OR c.reported_at < EXCLUDED.reported_at""",
+                ids,
+                [b.reported[i][1] for i in ids],
+                [b.reported[i][0] for i in ids],
+                [b.reported[i][2] for i in ids],
+            )
         if b.quarantine:
             await self._insert_quarantine(conn, b.quarantine)
         presence = self._presence_due(b)
@@ -310,6 +356,15 @@ class Store:
                 [presence[i][1] for i in ids],
                 [presence[i][2] for i in ids],
             )
+
+    async def _write_replies(self, conn: asyncpg.Connection, b: Batch) -> None:
+        """Apply the batch's command replies; quarantine those for no command of theirs."""
+        written = await record_replies(conn, [(dev_id, r, m.received_at) for m, _, dev_id, r in b.replies])
+        for i, reason in written.refused:
+            m, t, _, _ = b.replies[i]
+            self._quarantine(b, m.topic, m.payload, m.received_at, reason, t.section, t.org, t.device)
+        for outcome, n in written.outcomes.items():
+            b.reply_outcomes[outcome] = b.reply_outcomes.get(outcome, 0) + n
 
     def _presence_due(self, b: Batch) -> dict[int, tuple[str | None, datetime | None, datetime | None]]:
         """Per device: (status, its time, last seen) to write; last seen at most once a second."""
@@ -375,6 +430,9 @@ class Store:
                 total.seen_due.update(b.seen_due)
                 total.replayed += b.replayed
                 total.dedup_writes += b.dedup_writes
+                total.reported.update(b.reported)
+                for outcome, n in b.reply_outcomes.items():
+                    total.reply_outcomes[outcome] = total.reply_outcomes.get(outcome, 0) + n
                 for kind, n in b.received.items():
                     total.received[kind] = total.received.get(kind, 0) + n
         return total

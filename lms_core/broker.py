@@ -387,6 +387,11 @@ class BrokerAdmin:
         """Delete every retained message under ``topic_filter``; return how many."""
         return len(await clear_retained(self._url, [topic_filter]))
 
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """Publish at QoS 1 on the admin's connection and wait for the broker's PUBACK (the
+        platform's own messages: reconcile restores retained ``config`` with it)."""
+        await self._mqtt.publish(topic, payload, qos=1, retain=retain)
+
     async def delete_client(self, username: str) -> None:
         """Delete a client; connected sessions of it are disconnected by the plugin."""
         await self.execute([{"command": "deleteClient", "username": username}], ignore=("not found",))

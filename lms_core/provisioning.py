@@ -15,10 +15,12 @@ broker, so it does not lock devices out by itself.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +43,7 @@ from lms_core.broker import (
     tech_acls,
     tech_rolename,
 )
+from lms_core.commands import config_payload
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.topics import TopicScheme, check_slug
 
@@ -54,6 +57,11 @@ log = logging.getLogger("lms.provisioning")
 #: reconcile could delete a client created a moment ago (its row not yet committed) or
 #: re-enable a device being disabled.
 RECONCILE_LOCK = 0x4C4D5302
+
+#: Reconcile restores retained configuration this many devices at a time, each group under
+#: its rows' share locks (:meth:`Provisioner._restore_config`): an API change of one of them
+#: waits at most for one group's publishes and their PUBACKs.
+RESTORE_GROUP = 200
 
 #: Writes the audit record of a change (the API's): called with the change's connection and
 #: target inside the change's transaction, before the broker is touched, so that the change
@@ -304,10 +312,11 @@ class Provisioner:
         log.info("organization deleted", extra={"org": org, "devices": len(devices), "technicians": len(techs)})
 
     async def reconcile(self) -> dict[str, int]:
-        """Make the broker's device clients and roles match the database.
+        """Make the broker's device clients, roles and retained configuration match the database.
 
         Creates what is missing, fixes ACLs and enabled state, deletes device clients and
-        roles the database does not know. Returns counts of each kind of change.
+        roles the database does not know, and publishes every device's desired configuration
+        again, retained (``config_restored``). Returns counts of each kind of change.
         """
         async with self.pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", RECONCILE_LOCK)
@@ -400,7 +409,49 @@ class Provisioner:
         # message from growing without bound for a large fleet.
         for i in range(0, len(cmds), 200):
             await self.admin.execute(cmds[i : i + 200])
+        counts["config_restored"] = await self._restore_config(conn)
         return counts
+
+    async def _restore_config(self, conn: asyncpg.Connection) -> int:
+        """Publish each device's desired configuration retained on its ``config`` topic.
+
+        A broker that lost its persistence file lost these too, and a device reads its
+        configuration from the retained message when it connects. The broker cannot be asked
+        which retained messages it holds short of subscribing to all of them, so every one
+        is published: a broker that kept its state gets the same message again, which
+        changes nothing for a device (the same version). Deleted configuration is not here:
+        the API clears its retained message when it deletes it.
+
+        The API changes a desired document and publishes it while holding its row ``FOR
+        UPDATE`` (api/services/config.py). Each group here is read ``FOR SHARE`` and published
+        before its transaction ends, so a change either waits for this publish or is read
+        here after it committed: the retained message is never put back to an older version.
+        Groups bound how long a change may wait.
+        """
+        ids = [r["device_id"] for r in await conn.fetch(
+            "SELECT device_id FROM device_config WHERE desired IS NOT NULL ORDER BY device_id")]
+        restored = 0
+        for i in range(0, len(ids), RESTORE_GROUP):
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    """SELECT o.slug AS org, d.slug AS device, c.desired, c.desired_version
+                       FROM device_config c JOIN devices d ON d.id = c.device_id
+                       JOIN organizations o ON o.id = d.org_id
+                       WHERE c.device_id = ANY($1::bigint[]) AND c.desired IS NOT NULL
+                       ORDER BY c.device_id FOR SHARE OF c""", ids[i : i + RESTORE_GROUP])
+                messages = []
+                for r in rows:
+                    desired = json.loads(r["desired"])
+                    if not isinstance(desired, dict):  # the API stores objects only; never guess
+                        log.warning("desired config of %s/%s is not a JSON object; not published",
+                                    r["org"], r["device"])
+                        continue
+                    messages.append((f"{self.topics.device_prefix(r['org'], r['device'])}/config",
+                                     config_payload(r["desired_version"], desired)))
+                # Together: each publish waits for its PUBACK, the group shares the round trips.
+                await asyncio.gather(*(self.admin.publish(topic, payload, retain=True) for topic, payload in messages))
+                restored += len(messages)
+        return restored
 
 
 async def _update_device(conn: asyncpg.Connection, org: str, device: str, assignments: str, value: object) -> None:

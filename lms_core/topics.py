@@ -52,6 +52,8 @@ class TopicScheme:
             f"{self.root}/+/+/telemetry",
             f"{self.root}/+/+/status",
             f"{self.root}/+/+/events",
+            f"{self.root}/+/+/config/reported",
+            f"{self.root}/+/+/commands/+/result",
         ]
 
     def parse(self, topic: str) -> DeviceTopic | None:

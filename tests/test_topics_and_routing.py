@@ -6,7 +6,16 @@ import time
 
 import pytest
 
-from bridge.decode import REPLAYED, DeviceEvent, Presence, Readings, Rejected, TelemetryDecoder
+from bridge.decode import (
+    REPLAYED,
+    CommandReply,
+    DeviceEvent,
+    Presence,
+    Readings,
+    Rejected,
+    ReportedConfig,
+    TelemetryDecoder,
+)
 from bridge.metrics import BridgeMetrics
 from bridge.store import Message, Store
 from lms_core.settings import Limits
@@ -54,8 +63,15 @@ def test_the_decoder_routes_each_kind() -> None:
     assert dec.decode(_topic("status"), b"", NOW, False) == Presence(None)
     event = dec.decode(_topic("events"), b'{"type": "boot"}', NOW, False)
     assert isinstance(event, DeviceEvent) and (event.type, event.data) == ("boot", "{}")
-    with pytest.raises(Rejected, match="the bridge does not take messages on 'config/reported'"):
-        dec.decode(_topic("config/reported"), b'{"version": 1}', NOW, False)
+    assert dec.decode(_topic("config/reported"), b'{"version": 1, "a": 2}', NOW, False) == ReportedConfig(1, '{"a":2}')
+    assert dec.decode(_topic("commands/42/result"), b'{"status": "ok", "result": [1]}', NOW, False) == \
+        CommandReply(42, "ok", "[1]", None)
+    with pytest.raises(Rejected, match="the bridge does not take messages on 'commands/42'"):
+        dec.decode(_topic("commands/42"), b'{"status": "ok"}', NOW, False)
+
+
+def test_the_bridge_subscribes_to_every_topic_a_device_publishes() -> None:
+    assert scheme.ingest_filters() == [f"lms/+/+/{kind}" for kind in DEVICE_PUBLISHES]
 
 
 def test_a_replayed_retained_message_is_not_decoded_again_except_status() -> None:
@@ -81,5 +97,5 @@ def test_received_messages_are_counted_per_kind_once() -> None:
     assert batch.received == {TopicKind.TELEMETRY: 3, TopicKind.STATUS: 1, TopicKind.EVENTS: 1,
                               TopicKind.COMMAND_RESULT: 1, TopicKind.OTHER: 1}
     metrics.committed(batch, len(msgs), 0.01)
-    assert _received(metrics) == {"telemetry": 3, "status": 1, "events": 1, "other": 2}
+    assert _received(metrics) == {"telemetry": 3, "status": 1, "events": 1, "commands/+/result": 1, "other": 1}
     assert metrics.stored._value.get() == len(msgs)
