@@ -78,14 +78,12 @@ class OrgAccess:
 Access = NamedDependency[OrgAccess]
 
 
-async def org_guard(connection: ASGIConnection[Principal, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    perm = handler.opt.get("perm")
-    if perm not in MATRIX:
-        raise PermissionDeniedException("route has no permission declared")  # check_routes prevents this
-    principal = connection.user  # authenticated by api/auth/backend.py, which runs first
+async def resolve_access(pool: Any, principal: Principal, slug: str, perm: str) -> OrgAccess:
+    """The caller's access to organization ``slug`` for ``perm``: NotFoundException when the
+    caller may not know it exists, PermissionDeniedException when it may not do ``perm``.
+    The guard of every route, and the periodic check of long-lived WebSocket streams."""
     key = principal if isinstance(principal, ApiKeyPrincipal) else None
-    slug = connection.path_params.get("org", "")
-    row = await connection.app.state.pool.fetchrow(
+    row = await pool.fetchrow(
         """SELECT o.id, m.role FROM organizations o
            LEFT JOIN memberships m ON m.org_id = o.id AND m.user_id = $2
            WHERE o.slug = $1""",
@@ -109,7 +107,17 @@ async def org_guard(connection: ASGIConnection[Principal, Any, Any, Any], handle
             raise PermissionDeniedException(f"this {key.role} API key acts as {role}, its creator's role "
                                             f"now, which may not do this ({perm})")
         raise PermissionDeniedException(f"the {role} role may not do this ({perm})")
-    connection.scope.setdefault("state", {})["org_access"] = OrgAccess(row["id"], slug, role, principal)
+    return OrgAccess(row["id"], slug, role, principal)
+
+
+async def org_guard(connection: ASGIConnection[Principal, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    perm = handler.opt.get("perm")
+    if perm not in MATRIX:
+        raise PermissionDeniedException("route has no permission declared")  # check_routes prevents this
+    # connection.user was authenticated by api/auth/backend.py, which runs first.
+    access = await resolve_access(connection.app.state.pool, connection.user, connection.path_params.get("org", ""),
+                                  perm)
+    connection.scope.setdefault("state", {})["org_access"] = access
 
 
 async def provide_org(request: Request[Any, Any, Any]) -> OrgAccess:
@@ -132,10 +140,14 @@ def check_routes(app: Litestar) -> None:
     for route in app.routes:
         if not route.path.startswith("/api/v1/orgs/{org"):
             continue
-        for handler in getattr(route, "route_handlers", []):
-            if set(handler.http_methods) == {"OPTIONS"}:
+        handlers = getattr(route, "route_handlers", None) or [getattr(route, "route_handler", None)]
+        for handler in handlers:
+            if handler is None:
+                raise RuntimeError(f"{route.path}: a route of an unknown kind")
+            http_methods = set(getattr(handler, "http_methods", ()) or ())
+            if http_methods == {"OPTIONS"}:
                 continue  # Litestar's automatic OPTIONS answer, which reveals nothing
-            methods = ", ".join(sorted(handler.http_methods))
+            methods = ", ".join(sorted(http_methods)) or "WEBSOCKET"
             if handler.opt.get("perm") not in MATRIX:
                 raise RuntimeError(f"{route.path} ({methods}) declares no "
                                    f"permission: add opt={{'perm': ...}} from api.access.MATRIX")

@@ -32,6 +32,8 @@ from api.services.data import ExportSlots
 from api.services.publisher import Publisher
 from api.services.technicians import TechnicianService
 from api.services.waiter import CommandWaiter
+from api.stream.relay import Relay
+from api.stream.routes import StreamController
 from api.technicians import TechniciansController, expiry_sweeper
 from lms_core import db
 from lms_core.settings import Settings
@@ -75,6 +77,7 @@ def create_app(settings: Settings) -> Litestar:
             app.state.auth = AuthService(pool, settings.api, settings.secret_key)
             app.state.publisher = Publisher(settings.mqtt)  # connects on first use
             app.state.command_waiter = CommandWaiter(settings.database_url)
+            app.state.relay = Relay(settings, app.state.metrics)  # connects with its first stream
             sweeper = asyncio.create_task(expiry_sweeper(TechnicianService(pool, settings)),
                                           name="technician expiry sweep")
             retention = asyncio.create_task(retention_sweeper(app), name="retention sweep")
@@ -85,6 +88,7 @@ def create_app(settings: Settings) -> Litestar:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                await app.state.relay.close()
                 await app.state.publisher.close()
                 await app.state.command_waiter.close()
 
@@ -92,7 +96,7 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[AuthController, OrgsController,
                         org_router(OrgController, DevicesController, DataController, TechniciansController,
                                    ApiKeysController, AssetsController, CommandsController, CommandGroupsController,
-                                   ConfigController),
+                                   ConfigController, StreamController),
                         health, ready, metrics],
         lifespan=[lifespan],
         dependencies=SERVICES,

@@ -13,7 +13,7 @@ from typing import Any
 
 from litestar import Request, Response, get
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger("lms.api.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -24,6 +24,16 @@ class ApiMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("lms_api_requests", "HTTP requests", ["method", "status"], registry=r)
         self.latency = Histogram("lms_api_request_seconds", "HTTP request latency", ["method"], registry=r)
+        # WebSocket streams (api/stream/)
+        self.ws_clients = Gauge("lms_api_ws_clients", "WebSocket stream clients connected", registry=r)
+        self.ws_frames = Counter("lms_api_ws_frames", "message frames queued to stream clients", registry=r)
+        self.ws_dropped = Counter("lms_api_ws_frames_dropped", "frames dropped for clients with ?overflow=drop",
+                                  registry=r)
+        self.ws_slow = Counter("lms_api_ws_slow_disconnects", "stream clients disconnected as too slow", registry=r)
+        self.ws_broker_filters = Gauge("lms_api_ws_broker_filters", "broker subscriptions the stream relay holds",
+                                       registry=r)
+        self.ws_broker_connected = Gauge("lms_api_ws_broker_connected", "the stream relay's broker connection is up",
+                                         registry=r)
 
 
 def request_id_middleware(app: ASGIApp) -> ASGIApp:

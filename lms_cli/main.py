@@ -135,7 +135,12 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not port_free(settings.api.port, settings.api.host):
         raise StackError(f"port {settings.api.port} (API) is already in use")
     uvicorn.run(create_app(settings), host=settings.api.host, port=settings.api.port, log_config=None,
-                access_log=False, server_header=False, proxy_headers=False)
+                access_log=False, server_header=False, proxy_headers=False,
+                # WebSocket streams (api/stream/): requests are small JSON frames; a peer that
+                # stops answering pings is dropped; no per-message compression (a deflate
+                # context per client costs each frame's CPU once per client, not once).
+                ws="websockets", ws_max_size=64 * 1024, ws_ping_interval=20, ws_ping_timeout=20,
+                ws_per_message_deflate=False)
     return 0
 
 

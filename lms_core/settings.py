@@ -257,6 +257,20 @@ class ApiSettings(msgspec.Struct, frozen=True):
         "its reader takes it (narrow the time range for more)", ge=1, le=86400)] = 600
 
 
+    # WebSocket streams (api/stream/): per API process.
+    ws_queue_frames: Annotated[int, setting(
+        "LMS_API_WS_QUEUE_FRAMES", "frames a stream client may have waiting before it is disconnected as too slow "
+        "(or, with ?overflow=drop, loses its oldest)", ge=10, le=100_000)] = 1000
+    ws_max_clients: Annotated[int, setting(
+        "LMS_API_WS_MAX_CLIENTS", "WebSocket streams one API process serves at once", ge=1, le=100_000)] = 5000
+    ws_max_per_user: Annotated[int, setting(
+        "LMS_API_WS_MAX_PER_USER", "WebSocket streams one user (or API key's creator) may hold at once per API "
+        "process", ge=1, le=10_000)] = 20
+    ws_max_filters: Annotated[int, setting(
+        "LMS_API_WS_MAX_FILTERS", "topic filters one stream may hold", ge=1, le=10_000)] = 100
+    ws_recheck_s: Annotated[int, setting(
+        "LMS_API_WS_RECHECK_SECONDS", "how often a stream checks that its token, key and membership still hold "
+        "(also on every subscribe)", ge=1, le=60)] = 30
     # Cloud to device (api/services/commands.py, api/services/config.py).
     command_max_ttl_s: Annotated[int, setting(
         "LMS_COMMAND_MAX_TTL_SECONDS", "the longest a command may wait for its device (its ttl_seconds)",

@@ -80,12 +80,22 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[
             principal, via = await auth.key_principal(token), "api_key"
         else:
             principal, via = await auth.principal(token), "bearer"
+    elif connection.scope["type"] == "websocket" and (offered := ws_token(connection)):
+        # A browser page on another site cannot send a header with a WebSocket, nor (SameSite)
+        # our cookie: it offers the token as a subprotocol, "lms.token.<token>".
+        if offered.startswith("lms_"):
+            principal, via = await auth.key_principal(offered), "api_key"
+        else:
+            principal, via = await auth.principal(offered), "bearer"
     else:
         token = connection.cookies.get(SESSION_COOKIE, "")
         if not token:
             raise _unauthorized("authentication required")
         session = await auth.principal(token)
-        if session is not None and connection.scope.get("method") not in SAFE_METHODS:
+        # A WebSocket upgrade is a GET a browser sends with the cookie from any page, and it
+        # cannot carry our header: the stream checks its Origin instead (api/stream/routes.py).
+        if session is not None and connection.scope["type"] == "http" \
+                and connection.scope.get("method") not in SAFE_METHODS:
             # The token is an HMAC of this session's token id (the CSRF cookie only hands it to
             # the page's script): a token of another session, or a CSRF cookie planted by a
             # sibling subdomain, does not match.
@@ -96,6 +106,19 @@ async def authenticate(connection: ASGIConnection[Any, Any, Any, Any]) -> tuple[
     if principal is None:
         raise _unauthorized("invalid, expired or revoked token")
     return principal, via
+
+
+#: The WebSocket subprotocol that carries a token, and the one the stream then speaks.
+WS_TOKEN_PREFIX = "lms.token."
+WS_PROTOCOL = "lms.v1"
+
+
+def ws_token(connection: ASGIConnection[Any, Any, Any, Any]) -> str:
+    """The token a WebSocket client offered as subprotocol ``lms.token.<token>``, or ""."""
+    for offered in connection.scope.get("subprotocols") or ():
+        if isinstance(offered, str) and offered.startswith(WS_TOKEN_PREFIX):
+            return offered[len(WS_TOKEN_PREFIX):]
+    return ""
 
 
 class AuthenticationMiddleware(AbstractAuthenticationMiddleware):

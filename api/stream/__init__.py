@@ -1,0 +1,1 @@
+"""The WebSocket relay of topic streams (issue 10)."""
