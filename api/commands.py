@@ -25,7 +25,7 @@ from api.services.commands import (
 Commands = NamedDependency[CommandService]
 Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
 #: ``state`` is a name Litestar reserves for the app's state: the parameter is ``in_state``, the query key ``state``.
-StateFilter = Annotated[State | None, QueryParameter(query="state", description="only commands in this state")]
+StateFilter = Annotated[State | None, QueryParameter(name="state", description="only commands in this state")]
 Cursor = Annotated[int | None, QueryParameter(ge=1, le=2**63 - 1, description="continue after this id")]
 
 

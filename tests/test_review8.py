@@ -197,3 +197,49 @@ def test_a_database_restart_while_waiting_does_not_turn_a_sent_command_into_a_50
         assert r.status_code in (200, 202), (r.status_code, r.text)
     finally:
         org.close()
+
+
+def test_concurrent_merge_patches_lose_nothing_and_the_retained_is_the_newest(shop: Org, stack: Stack) -> None:
+    creds = shop.device("thermo")
+    results: list[Any] = [None] * 20
+
+    def patch(i: int) -> None:
+        results[i] = shop.call("PATCH", "/devices/thermo/config", {f"k{i}": i})
+
+    threads = [threading.Thread(target=patch, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(r.status_code == 200 for r in results), [r.text for r in results if r.status_code != 200]
+    # Each answer is that change's own version and document (it used to be whatever was
+    # newest when the answer was read: twelve callers told "13").
+    assert sorted(r.json()["desired_version"] for r in results) == list(range(1, 21))
+    assert all(r.json()["desired"][f"k{i}"] == i for i, r in enumerate(results))
+    final = shop.call("GET", "/devices/thermo/config").json()
+    assert final["desired"] == {f"k{i}": i for i in range(20)} and final["desired_version"] == 20
+    dev = Responder(stack.mq.port, creds)
+    shop.devices.append(dev)
+    assert dev.connect().value == 0
+    wait_until(lambda: dev.configs, 5, "the retained config")
+    assert dev.configs == [{**final["desired"], "version": 20}]
+
+
+def test_many_waiters_at_once_hold_no_connection_and_all_answer(shop: Org) -> None:
+    shop.responder("quiet", script=None)
+    results: list[Any] = [None] * 60
+
+    def send(i: int) -> None:
+        results[i] = shop.call("POST", "/devices/quiet/commands?wait=3", {"name": "ping"})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(60)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    started = time.monotonic()
+    # Meanwhile the API answers others at once: a waiter holds no database connection.
+    assert shop.call("GET", "/devices/quiet/commands?limit=1").status_code == 200
+    assert time.monotonic() - started < 1.5
+    for t in threads:
+        t.join(30)
+    assert all(r.status_code == 202 and r.json()["state"] == "pending" for r in results)

@@ -115,8 +115,11 @@ class ConfigService:
         return int(dev_id)
 
     async def get(self, access: OrgAccess, device: str) -> DeviceConfig:
-        dev_id = await self._device(self.pool, access, device)
-        r = await self.pool.fetchrow("SELECT * FROM device_config WHERE device_id = $1", dev_id)
+        return await self._read(self.pool, access, device, await self._device(self.pool, access, device))
+
+    async def _read(self, conn: asyncpg.Connection | asyncpg.Pool, access: OrgAccess, device: str,
+                    dev_id: int) -> DeviceConfig:
+        r = await conn.fetchrow("SELECT * FROM device_config WHERE device_id = $1", dev_id)
         topic = f"{self.topics.device_prefix(access.slug, device)}/config"
         if r is None:
             return DeviceConfig(desired=None, desired_version=0, desired_at=None, reported=None,
@@ -174,8 +177,10 @@ class ConfigService:
                 await self.publisher.publish(topic, payload, retain=True)
             except DeliveryUnknown as exc:
                 unknown = exc  # committed: see the module's docstring
+            # Read under the lock: the answer is this change's version, not a later one's.
+            out = await self._read(conn, access, device, dev_id)
         if unknown is not None:
             raise BrokerUnavailable(f"the broker did not acknowledge version {version} of the configuration "
                                     f"({unknown}); it is stored and may still reach the device: reconcile "
                                     "or the next change publishes it again")
-        return await self.get(access, device)
+        return out
