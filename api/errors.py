@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from api.services.errors import Conflict, Forbidden, RateLimited, Unauthenticated
+from lms_core.db import is_connection_error, translate
 from lms_core.errors import AlreadyExists, BrokerError, InvalidInput, LmsError, NotFound, StorageError
 
 log = logging.getLogger("lms.api")
@@ -89,6 +90,14 @@ def constraint_exception(request: Request[Any, Any, Any], exc: Exception) -> Res
     return error_response(request, 422, "a value is not allowed here")
 
 
+def connection_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """PostgreSQL not there (refused, lost, shutting down): 503 like any dependency that
+    failed, not 500; anything else that lands here is a bug."""
+    if is_connection_error(exc):
+        return domain_exception(request, translate(exc))
+    return unexpected_exception(request, exc)
+
+
 def unexpected_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal error")
@@ -100,5 +109,10 @@ HANDLERS: dict[Any, Any] = {
     asyncpg.IntegrityConstraintViolationError: constraint_exception,
     OverflowError: data_exception,
     LmsError: domain_exception,
+    # The driver's connection errors, wherever a service did not translate them itself.
+    OSError: connection_exception,
+    asyncpg.InterfaceError: connection_exception,
+    asyncpg.PostgresConnectionError: connection_exception,
+    asyncpg.exceptions.OperatorInterventionError: connection_exception,
     Exception: unexpected_exception,
 }

@@ -32,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from lms_core.errors import BrokerError, BrokerUnavailable
+from lms_core.errors import BrokerError, BrokerUnavailable, DeliveryUnknown
 from lms_core.settings import MqttUrl
 
 log = logging.getLogger("lms.mqtt")
@@ -248,6 +248,12 @@ class AsyncMqttClient:
             props.MessageExpiryInterval = expiry
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != paho.MQTT_ERR_SUCCESS:
+            # Not connected: paho keeps the message and would send it after reconnecting,
+            # long after the caller was told it failed (a command marked "not delivered"
+            # then runs on the device). Take it back, so that the failure is the truth.
+            c = self.client
+            with c._out_message_mutex:  # paho internals: no public way to withdraw a message
+                c._out_messages.pop(info.mid, None)
             raise BrokerUnavailable(f"publish failed: {paho.error_string(info.rc)}")
         return info.mid
 
@@ -260,8 +266,13 @@ class AsyncMqttClient:
             await self.wait_published(mid, timeout)
 
     async def wait_published(self, mid: int, timeout: float = 10) -> None:
-        """Wait for the PUBACK of publish ``mid`` (see :meth:`publish`)."""
-        reason = await self._wait(mid, timeout)
+        """Wait for the PUBACK of publish ``mid`` (see :meth:`publish`). No PUBACK in time or
+        the connection lost meanwhile raise :class:`DeliveryUnknown`: the message was handed
+        over and may still be delivered."""
+        try:
+            reason = await self._wait(mid, timeout)
+        except BrokerError as exc:
+            raise DeliveryUnknown(f"{exc}; the message may still be delivered") from None
         if getattr(reason, "is_failure", False):
             raise BrokerError(f"broker refused the message: {reason}")
 

@@ -315,8 +315,9 @@ class Provisioner:
         """Make the broker's device clients, roles and retained configuration match the database.
 
         Creates what is missing, fixes ACLs and enabled state, deletes device clients and
-        roles the database does not know, and publishes every device's desired configuration
-        again, retained (``config_restored``). Returns counts of each kind of change.
+        roles the database does not know, publishes every device's desired configuration
+        again, retained (``config_restored``), and clears deleted ones (``config_cleared``).
+        Returns counts of each kind of change.
         """
         async with self.pool.acquire() as conn:
             await conn.execute("SELECT pg_advisory_lock($1)", RECONCILE_LOCK)
@@ -409,18 +410,20 @@ class Provisioner:
         # message from growing without bound for a large fleet.
         for i in range(0, len(cmds), 200):
             await self.admin.execute(cmds[i : i + 200])
-        counts["config_restored"] = await self._restore_config(conn)
+        counts["config_restored"], counts["config_cleared"] = await self._restore_config(conn)
         return counts
 
-    async def _restore_config(self, conn: asyncpg.Connection) -> int:
-        """Publish each device's desired configuration retained on its ``config`` topic.
+    async def _restore_config(self, conn: asyncpg.Connection) -> tuple[int, int]:
+        """Publish each device's desired configuration retained on its ``config`` topic, and
+        clear it where the desired configuration was deleted; return (published, cleared).
 
         A broker that lost its persistence file lost these too, and a device reads its
         configuration from the retained message when it connects. The broker cannot be asked
         which retained messages it holds short of subscribing to all of them, so every one
         is published: a broker that kept its state gets the same message again, which
-        changes nothing for a device (the same version). Deleted configuration is not here:
-        the API clears its retained message when it deletes it.
+        changes nothing for a device (the same version). Deleted configuration is cleared
+        again: the API cleared its retained message when it deleted it, but a broker that
+        crashed before its next snapshot (``autosave_interval``) brings the deleted one back.
 
         The API changes a desired document and publishes it while holding its row ``FOR
         UPDATE`` (api/services/config.py). Each group here is read ``FOR SHARE`` and published
@@ -429,29 +432,34 @@ class Provisioner:
         Groups bound how long a change may wait.
         """
         ids = [r["device_id"] for r in await conn.fetch(
-            "SELECT device_id FROM device_config WHERE desired IS NOT NULL ORDER BY device_id")]
-        restored = 0
+            "SELECT device_id FROM device_config WHERE desired IS NOT NULL OR desired_version > 0 "
+            "ORDER BY device_id")]
+        restored = cleared = 0
         for i in range(0, len(ids), RESTORE_GROUP):
             async with conn.transaction():
                 rows = await conn.fetch(
                     """SELECT o.slug AS org, d.slug AS device, c.desired, c.desired_version
                        FROM device_config c JOIN devices d ON d.id = c.device_id
                        JOIN organizations o ON o.id = d.org_id
-                       WHERE c.device_id = ANY($1::bigint[]) AND c.desired IS NOT NULL
+                       WHERE c.device_id = ANY($1::bigint[]) AND (c.desired IS NOT NULL OR c.desired_version > 0)
                        ORDER BY c.device_id FOR SHARE OF c""", ids[i : i + RESTORE_GROUP])
                 messages = []
                 for r in rows:
+                    topic = f"{self.topics.device_prefix(r['org'], r['device'])}/config"
+                    if r["desired"] is None:  # deleted: an empty retained message clears it
+                        messages.append((topic, b""))
+                        cleared += 1
+                        continue
                     desired = json.loads(r["desired"])
                     if not isinstance(desired, dict):  # the API stores objects only; never guess
                         log.warning("desired config of %s/%s is not a JSON object; not published",
                                     r["org"], r["device"])
                         continue
-                    messages.append((f"{self.topics.device_prefix(r['org'], r['device'])}/config",
-                                     config_payload(r["desired_version"], desired)))
+                    messages.append((topic, config_payload(r["desired_version"], desired)))
+                    restored += 1
                 # Together: each publish waits for its PUBACK, the group shares the round trips.
                 await asyncio.gather(*(self.admin.publish(topic, payload, retain=True) for topic, payload in messages))
-                restored += len(messages)
-        return restored
+        return restored, cleared
 
 
 async def _update_device(conn: asyncpg.Connection, org: str, device: str, assignments: str, value: object) -> None:

@@ -6,7 +6,10 @@ records the device's replies (bridge/store.py). Committed first because a device
 within milliseconds, possibly before the API's transaction would have committed, and the
 bridge must find the row. If the broker does not take the message, the row is marked
 ``failed`` with the reason and the caller gets 503: no command claims to be pending that
-was never handed to the broker.
+was never handed to the broker. A publish handed over but not acknowledged in time (a hung
+broker, a connection lost meanwhile) may still be delivered - the broker reads it late, or
+paho sends it again on reconnecting - so that command stays ``pending`` (the caller still
+gets 503, saying so) rather than be called ``failed`` while the device runs it.
 
 ``expired`` is written when it is read: every read of commands first moves the open ones
 past their ``expires_at`` to ``expired`` (an index keeps only open commands), so every
@@ -16,6 +19,7 @@ reader sees the same state without a sweeper's delay.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -30,17 +34,23 @@ from api.services.errors import Conflict
 from api.services.publisher import Publisher
 from api.services.waiter import CommandWaiter
 from lms_core.commands import COMMAND_NAME_PATTERN, FINAL_STATES, OPEN_STATES, STATES, command_payload
-from lms_core.errors import BrokerError, BrokerUnavailable, InvalidInput, NotFound
+from lms_core.db import is_transient, translate
+from lms_core.errors import BrokerError, BrokerUnavailable, DeliveryUnknown, InvalidInput, NotFound
 from lms_core.settings import Settings
 from lms_core.topics import TopicScheme
 
 if TYPE_CHECKING:
     from api.access import OrgAccess
 
+log = logging.getLogger("lms.api.commands")
+
 CommandName = Annotated[str, Meta(pattern=COMMAND_NAME_PATTERN, description="what the firmware dispatches on")]
 State = Literal["pending", "delivered", "succeeded", "failed", "expired", "cancelled"]
 #: The most a request may wait for a result (``?wait=``).
 MAX_WAIT_S = 30
+#: A sent command whose state cannot be read (PostgreSQL restarting) is read again for this
+#: long past the wait before the answer is 503: a restart takes a few seconds.
+WAIT_GRACE_S = 5
 
 
 class CommandCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -170,17 +180,38 @@ class CommandService:
                 await self.publisher.publish(topic, command_payload(command_id, data.name, data.params,
                                                                     r["expires_at"]),
                                              expiry=data.ttl_seconds)
+            except DeliveryUnknown as exc:
+                # Handed over, not acknowledged: it may still reach the device, so it stays
+                # pending (and expires with its TTL) and a result still counts.
+                raise BrokerUnavailable(f"the broker did not acknowledge command {command_id} ({exc}); it may "
+                                        f"still reach the device: it stays pending until it expires") from None
             except BrokerError as exc:
                 await self._undeliverable([command_id], exc)
                 raise BrokerUnavailable(f"the broker did not take the command: {exc}") from None
-            await self.pool.execute("UPDATE commands SET sent_at = now() WHERE id = $1", command_id)
+            # From here the command is on its way: PostgreSQL failing now must not make the
+            # answer an error (a caller told "failed" sends it again, and it runs twice).
+            # Reads keep trying until the deadline; the last state read is the answer.
             deadline = time.monotonic() + min(wait, MAX_WAIT_S)
+            try:
+                await self.pool.execute("UPDATE commands SET sent_at = now() WHERE id = $1", command_id)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("command %d sent, but its sent_at not written: %s", command_id, exc)
+            cmd: Command | None = None
             while True:
-                cmd = await self.get(access, device, command_id)
+                try:
+                    cmd = await self.get(access, device, command_id)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.warning("command %d sent; reading its state failed: %s", command_id, exc)
+                    if cmd is None and time.monotonic() >= deadline + WAIT_GRACE_S:
+                        raise translate(exc) from exc
                 remaining = deadline - time.monotonic()
-                if cmd.state in FINAL_STATES or remaining <= 0:
+                if cmd is not None and (cmd.state in FINAL_STATES or remaining <= 0):
                     return cmd, cmd.state in FINAL_STATES
-                await self.waiter.sleep(changed, remaining)
+                await self.waiter.sleep(changed, max(remaining, 0.2))
 
     async def _undeliverable(self, ids: list[int], exc: Exception) -> None:
         await self.pool.execute(
@@ -279,14 +310,16 @@ class CommandService:
         except BrokerError as exc:
             outcomes = [exc] * len(messages)
         sent = [i for i, o in zip(ids, outcomes, strict=True) if o is None]
-        failed = [i for i, o in zip(ids, outcomes, strict=True) if o is not None]
+        # Not acknowledged in time is not a refusal: those stay pending (see send()).
+        failed = [i for i, o in zip(ids, outcomes, strict=True) if o is not None and not isinstance(o, DeliveryUnknown)]
         if sent:
             await self.pool.execute("UPDATE commands SET sent_at = now() WHERE id = ANY($1::bigint[])", sent)
         if failed:
+            await self._undeliverable(failed, next(o for o in outcomes if o is not None
+                                                  and not isinstance(o, DeliveryUnknown)))
+        if not sent:
             first = next(o for o in outcomes if o is not None)
-            await self._undeliverable(failed, first)
-            if not sent:
-                raise BrokerUnavailable(f"the broker did not take the command: {first}")
+            raise BrokerUnavailable(f"the broker did not take the command: {first}")
         return await self.get_group(access, group["id"])
 
     async def get_group(self, access: OrgAccess, group_id: int) -> CommandGroup:

@@ -4,8 +4,12 @@ The desired document gets a version that only goes up, and is published retained
 on ``{root}/{org}/{device}/config`` as ``{"version": n, ...}`` while its row is locked: two
 changes at once are numbered and published in the same order, so the broker's retained
 message is always the newest version. If the broker does not take it the change is rolled
-back (503). The bridge stores what the device reports on ``config/reported``; the broker's
-retained config is restored from here by reconcile (lms_core/provisioning.py).
+back (503). If it was handed over but not acknowledged in time, the broker may still retain
+it (or paho send it again on reconnecting): then the change is kept, and the caller gets 503
+saying so - rolled back, its version would be given again to a different document, and a
+device that applied the first would take the second for one it has. The bridge stores
+what the device reports on ``config/reported``; the broker's retained config is restored
+from here by reconcile (lms_core/provisioning.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import msgspec
 from api.services.audit import Audit
 from api.services.publisher import Publisher
 from lms_core.commands import config_payload
-from lms_core.errors import InvalidInput, NotFound
+from lms_core.errors import BrokerUnavailable, DeliveryUnknown, InvalidInput, NotFound
 from lms_core.settings import Settings
 from lms_core.topics import TopicScheme
 
@@ -111,8 +115,11 @@ class ConfigService:
         return int(dev_id)
 
     async def get(self, access: OrgAccess, device: str) -> DeviceConfig:
-        dev_id = await self._device(self.pool, access, device)
-        r = await self.pool.fetchrow("SELECT * FROM device_config WHERE device_id = $1", dev_id)
+        return await self._read(self.pool, access, device, await self._device(self.pool, access, device))
+
+    async def _read(self, conn: asyncpg.Connection | asyncpg.Pool, access: OrgAccess, device: str,
+                    dev_id: int) -> DeviceConfig:
+        r = await conn.fetchrow("SELECT * FROM device_config WHERE device_id = $1", dev_id)
         topic = f"{self.topics.device_prefix(access.slug, device)}/config"
         if r is None:
             return DeviceConfig(desired=None, desired_version=0, desired_at=None, reported=None,
@@ -140,6 +147,7 @@ class ConfigService:
 
     async def _change(self, access: OrgAccess, device: str, audit: Audit, new: Any) -> DeviceConfig:
         topic = f"{self.topics.device_prefix(access.slug, device)}/config"
+        unknown: DeliveryUnknown | None = None
         async with self.pool.acquire() as conn, conn.transaction():
             dev_id = await self._device(conn, access, device)
             await conn.execute("INSERT INTO device_config (device_id) VALUES ($1) ON CONFLICT DO NOTHING", dev_id)
@@ -165,5 +173,14 @@ class ConfigService:
                               actor=access.principal.user_id, org_id=access.org_id, target=device,
                               detail={"version": version})
             # Inside the transaction, holding the row: see the module's docstring.
-            await self.publisher.publish(topic, payload, retain=True)
-        return await self.get(access, device)
+            try:
+                await self.publisher.publish(topic, payload, retain=True)
+            except DeliveryUnknown as exc:
+                unknown = exc  # committed: see the module's docstring
+            # Read under the lock: the answer is this change's version, not a later one's.
+            out = await self._read(conn, access, device, dev_id)
+        if unknown is not None:
+            raise BrokerUnavailable(f"the broker did not acknowledge version {version} of the configuration "
+                                    f"({unknown}); it is stored and may still reach the device: reconcile "
+                                    "or the next change publishes it again")
+        return out
