@@ -40,6 +40,7 @@ offline alert resolves in the next sweep after the device is back online.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -150,9 +151,7 @@ def step(rule: Rule, s: PairState, ts: float, value: float) -> int:
             s.since = None
             s.cooldown_until = ts + rule.cooldown_s
             return RESOLVE
-        if not cond:
-            s.since = None
-        return NOTHING
+        return NOTHING  # (``since`` means nothing while firing; it is reset on resolving)
     if not cond:
         s.since = None
         return NOTHING
@@ -162,6 +161,66 @@ def step(rule: Rule, s: PairState, ts: float, value: float) -> int:
         s.firing = True
         return FIRE
     return NOTHING
+
+
+def _quiet(rule: Rule, firing: bool, values: list[float]) -> bool:
+    """True when no value of ``values`` can change the pair's state: nothing fires (no value
+    meets the condition) or, while firing, nothing resolves. One C-level min/max/in over
+    the values: the common case - thresholds not crossed - costs no Python loop."""
+    c, t = rule.comparison, rule.threshold
+    assert t is not None
+    if not firing:
+        if c == ">":
+            return max(values) <= t
+        if c == ">=":
+            return max(values) < t
+        if c == "<":
+            return min(values) >= t
+        if c == "<=":
+            return min(values) > t
+        if c == "==":
+            return t not in values
+        return min(values) == max(values) == t  # "!="
+    clear = rule.clear_threshold
+    if clear is not None and c in CLEAR_BELOW:
+        return min(values) >= clear
+    if clear is not None and c in CLEAR_ABOVE:
+        return max(values) <= clear
+    if c == ">":
+        return min(values) > t
+    if c == ">=":
+        return min(values) >= t
+    if c == "<":
+        return max(values) < t
+    if c == "<=":
+        return max(values) <= t
+    if c == "==":
+        return min(values) == max(values) == t
+    return t not in values  # "!="
+
+
+def feed(rule: Rule, s: PairState, times: list[float], values: list[float]) -> tuple[list[tuple[int, int]], int]:
+    """Feed a pair its readings of one batch (``times`` ascending, ``values`` beside them);
+    return the (index, FIRE/RESOLVE) changes and how many readings were late. The same as
+    :func:`step` on each reading, with a fast path for a batch that changes nothing."""
+    start = 0 if s.last_ts is None else bisect.bisect_right(times, s.last_ts)
+    if start == len(times):
+        return [], start
+    window = values[start:] if start else values
+    if _quiet(rule, s.firing, window):
+        s.last_ts = times[-1]
+        if not s.firing:
+            s.since = None
+        return [], start
+    changes = []
+    late = start
+    for i in range(start, len(times)):
+        r = step(rule, s, times[i], values[i])
+        if r == FIRE or r == RESOLVE:
+            changes.append((i, r))
+        elif r == LATE:
+            late += 1
+    return changes, late
 
 
 # -- the cache ----------------------------------------------------------------------------
@@ -499,27 +558,37 @@ class RuleEngine:
             return None
         started = time.perf_counter()
         by_metric = snap.by_metric
-        hits: list[tuple[datetime, int, str, float]] = []
+        # The readings of each (device, metric) that has rules on its metric.
+        series: dict[tuple[int, str], list[tuple[datetime, float]]] = {}
         if by_metric:
             for when, dev, metric, value, _text in readings:
                 if metric in by_metric and value is not None:
-                    hits.append((when, dev, metric, value))
+                    got = series.get((dev, metric))
+                    if got is None:
+                        series[(dev, metric)] = [(when, value)]
+                    else:
+                        got.append((when, value))
         telemetry: set[int] = {r[1] for r in readings} if snap.no_data else set()
-        if not hits and not telemetry:
+        if not series and not telemetry:
             return None
-        await self._facts(conn, snap, {h[1] for h in hits} | telemetry)
+        await self._facts(conn, snap, {k[0] for k in series} | telemetry)
         devices = snap.devices
         matched = snap.matched
-        pairs: dict[tuple[int, int], list[tuple[float, float, datetime]]] = {}
-        for when, dev, metric, value in hits:
-            mkey = (dev, metric)
-            rules = matched.get(mkey)
+        #: (rule, device) -> (device times, values, the readings' datetimes), ascending.
+        pairs: dict[tuple[int, int], tuple[list[float], list[float], list[datetime]]] = {}
+        for (dev, metric), got in series.items():
+            rules = matched.get((dev, metric))
             if rules is None:
                 facts = devices.get(dev)
-                rules = matched[mkey] = () if facts is None else tuple(
+                rules = matched[(dev, metric)] = () if facts is None else tuple(
                     r for r in by_metric[metric] if in_scope(r, dev, facts))
+            if not rules:
+                continue
+            got.sort()  # device-time order (a device's messages mostly come in order: cheap)
+            whens = [w for w, _ in got]
+            ordered = ([w.timestamp() for w in whens], [v for _, v in got], whens)
             for rule in rules:
-                pairs.setdefault((rule.id, dev), []).append((when.timestamp(), value, when))
+                pairs[(rule.id, dev)] = ordered
         seen_pairs: dict[tuple[int, int], float] = {}
         written = self._seen_written
         for dev in telemetry:
@@ -553,16 +622,16 @@ class RuleEngine:
             last_seen = row["last_seen_at"]
             s = PairState(_ts(row["last_ts"]), _ts(row["since"]), alert is not None, _ts(row["cooldown_until"]))
             if rule.kind == THRESHOLD:
-                for ts, value, when in sorted(pairs.get(key, ())):
-                    r = step(rule, s, ts, value)
+                times, values, whens = pairs[key]
+                changes, late = feed(rule, s, times, values)
+                out.late += late
+                for i, r in changes:
                     if r == FIRE:
-                        alert = ch.fire(rule, dev, value, when)
-                    elif r == RESOLVE:
+                        alert = ch.fire(rule, dev, values[i], whens[i])
+                    else:
                         assert alert is not None
-                        ch.resolve(alert, rule, dev, value, when, "condition cleared")
+                        ch.resolve(alert, rule, dev, values[i], whens[i], "condition cleared")
                         alert = None
-                    elif r == LATE:
-                        out.late += 1
             else:
                 t = seen_pairs[key]
                 if last_seen is None or t > last_seen.timestamp():
