@@ -1,4 +1,5 @@
-"""The bridge process: pool, broker reconcile, MQTT ingest; opened in order, closed in reverse."""
+"""The bridge process: pool, broker reconcile, MQTT ingest, and beside the ingest the tasks it
+owns (retained janitor, alert-rule sweep, alert outbox); opened in order, closed in reverse."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from prometheus_client import start_http_server
 
 from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
+from bridge.outbox import AlertOutbox
 from bridge.retained import RetainedJanitor
+from bridge.rules import RuleEngine, RuleSweeper
 from bridge.store import Store
 from bridge.subscribe import Ingest
 from lms_core import db, migrations
@@ -91,24 +94,35 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
             except OSError as exc:
                 raise LmsError(f"cannot serve metrics on port {settings.bridge.metrics_port}: {exc}") from None
             stack.callback(server.shutdown)
-        pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=3),
+        # Connections: the ingest's commits, the rule sweep, the alert outbox, one spare.
+        pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=4),
                            startup_timeout)
         await check_schema(pool)
         counts = await _retry("broker", lambda: reconcile_broker(settings, pool), startup_timeout)
         log.info("broker reconciled with the database: %s", counts)
-        store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
+        topics = TopicScheme(settings.topic_root)
+        rules = RuleEngine(topics, metrics)
+        store = Store(pool, TelemetryDecoder(settings.limits), topics, metrics, rules)
         ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
+        # Alert messages go out on the ingest's own connection (the platform account).
+        outbox = AlertOutbox(pool, ingest.mqtt, metrics)
+        rules.on_outbox = outbox.wake
         log.info("bridge %s ingesting", settings.bridge.client_id)
         try:
             # The tasks the bridge owns: one failing stops the others, and the group is
-            # closed before the ingest and the pool (the janitor catches its own sweep errors).
+            # closed before the ingest and the pool (janitor, sweep and outbox catch their
+            # own errors and try again at their next round).
             async with asyncio.TaskGroup() as tasks:
-                janitor = tasks.create_task(RetainedJanitor(settings, store, metrics).run(stop),
-                                            name="retained janitor")
+                helpers = [
+                    tasks.create_task(RetainedJanitor(settings, store, metrics).run(stop), name="retained janitor"),
+                    tasks.create_task(RuleSweeper(pool, rules, metrics).run(stop), name="alert rule sweep"),
+                    tasks.create_task(outbox.run(stop), name="alert outbox"),
+                ]
                 try:
                     await ingest.run(stop)
                 finally:
-                    janitor.cancel()
+                    for task in helpers:
+                        task.cancel()
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
     log.info("bridge stopped")

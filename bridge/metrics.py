@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from lms_core.topics import TopicKind
 
 if TYPE_CHECKING:
+    from bridge.rules import Evaluated
     from bridge.store import Batch
 
 #: The ``kind`` label of ``lms_bridge_messages_received``: the kinds the bridge subscribes
@@ -50,6 +51,23 @@ class BridgeMetrics:
         self.config_reports = Counter("lms_bridge_config_reports",
                                       "Reported configurations received (one stored unless a newer one is)", registry=r)
         self.connected = Gauge("lms_bridge_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.rules_loaded = Gauge("lms_bridge_rules_loaded", "Enabled alert rules in the bridge's cache", registry=r)
+        self.alerts_fired = Counter("lms_bridge_alerts_fired", "Alerts fired (batches and the no-data sweep)",
+                                    registry=r)
+        self.alerts_resolved = Counter("lms_bridge_alerts_resolved", "Alerts resolved (batches and the sweep)",
+                                       registry=r)
+        self.rule_seconds = Histogram("lms_bridge_rule_evaluation_seconds",
+                                      "Time to evaluate the rules of one batch (or one sweep), in its transaction",
+                                      registry=r, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                           0.25, 0.5, 1))
+        self.late_readings = Counter("lms_bridge_rule_late_readings",
+                                     "Readings older than the newest evaluated for their (rule, device): stored, "
+                                     "not evaluated", registry=r)
+        self.rule_errors = Counter("lms_bridge_rule_errors", "Rule evaluations or sweeps that failed on a bug "
+                                   "(the batch was stored without evaluation)", registry=r)
+        self.outbox_published = Counter("lms_bridge_alert_messages_published",
+                                        "Alert messages published from the outbox and acknowledged by the broker",
+                                        registry=r)
 
     def committed(self, batch: Batch, messages: int, seconds: float) -> None:
         """Count a batch of ``messages`` committed in ``seconds``: what it received, stored,
@@ -69,3 +87,13 @@ class BridgeMetrics:
             self.command_replies.labels(outcome).inc(n)
         if batch.reported:
             self.config_reports.inc(len(batch.reported))
+
+    def rules_evaluated(self, ev: Evaluated) -> None:
+        """Count one committed rule evaluation (a batch's or a sweep's)."""
+        self.rule_seconds.observe(ev.seconds)
+        if ev.fired:
+            self.alerts_fired.inc(ev.fired)
+        if ev.resolved:
+            self.alerts_resolved.inc(ev.resolved)
+        if ev.late:
+            self.late_readings.inc(ev.late)

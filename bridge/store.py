@@ -16,6 +16,10 @@ bad message never blocks the others.
 Command replies move their commands in the same transaction (bridge/commands.py); a reply
 to a command that does not exist or is another device's is only found out there, so the
 quarantine rows are inserted after the replies were applied.
+
+Alert rules are evaluated last in the same transaction, on the readings just written
+(bridge/rules.py): alert state, alerts and their notifications commit with the readings
+that caused them, or not at all.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from bridge.decode import (
     TelemetryDecoder,
 )
 from bridge.metrics import BridgeMetrics
+from bridge.rules import VERSIONS_SQL, Evaluated, RuleEngine
 from lms_core.db import is_transient, translate
 from lms_core.topics import DeviceTopic, TopicKind, TopicScheme
 
@@ -120,6 +125,8 @@ class Batch:
     reply_outcomes: dict[str, int] = field(default_factory=dict)  # bridge/commands.py outcomes
     #: Reported configuration per device, the last received: (version, document, received at).
     reported: dict[int, tuple[int, str, datetime]] = field(default_factory=dict)
+    #: What the rule evaluation did in this batch's transaction (None: no rule concerned).
+    rules: Evaluated | None = None
 
 
 _OTHER = TopicKind.OTHER
@@ -129,8 +136,9 @@ class Store:
     """Turns messages into a :class:`Batch` and commits it."""
 
     def __init__(self, pool: asyncpg.Pool, decoder: TelemetryDecoder, topics: TopicScheme,
-                 metrics: BridgeMetrics) -> None:
+                 metrics: BridgeMetrics, rules: RuleEngine | None = None) -> None:
         self.pool = pool
+        self.rules = rules
         self.decoder = decoder
         self.topics = topics
         self.metrics = metrics
@@ -161,7 +169,9 @@ class Store:
         return out
 
     async def _resolve(self, conn: asyncpg.Connection, topics: Iterable[DeviceTopic | None]) -> None:
-        version = await conn.fetchval("SELECT n FROM device_directory_version")
+        rules_version, version = await conn.fetchrow(VERSIONS_SQL)
+        if self.rules is not None:
+            await self.rules.refresh(conn, rules_version, version)
         if version != self._directory_version or time.monotonic() - self._cache_at > CACHE_TTL_S:
             self._devices.clear()
             self._orgs.clear()
@@ -284,6 +294,7 @@ class Store:
                 try:
                     async with conn.transaction():
                         await self._write(conn, batch)
+                        await self._evaluate(conn, batch)
                 except asyncpg.PostgresError as exc:
                     if is_transient(exc):
                         raise
@@ -293,7 +304,25 @@ class Store:
             raise translate(exc) from exc
         self._after_commit(batch)
         self.metrics.committed(batch, len(messages), time.perf_counter() - started)
+        if self.rules is not None:
+            self.rules.committed(batch.rules)
         return batch
+
+    async def _evaluate(self, conn: asyncpg.Connection, b: Batch) -> None:
+        """Evaluate the alert rules on the batch's readings, in its transaction, in a
+        savepoint: a rule engine error that is not the database's "not now" is logged and
+        counted (``lms_bridge_rule_errors_total``) and the readings are stored all the same
+        - losing data to a rule bug would be worse than an alert missed."""
+        if self.rules is None or not b.readings or not self.rules.snap.rules:
+            return
+        try:
+            async with conn.transaction():
+                b.rules = await self.rules.evaluate(conn, b.readings, b.seen)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            self.metrics.rule_errors.inc()
+            log.exception("alert rule evaluation failed; the batch is stored without it")
 
     async def _write(self, conn: asyncpg.Connection, b: Batch, *, dedup: bool = False) -> None:
         if b.readings:
@@ -431,10 +460,12 @@ class Store:
                 total.replayed += b.replayed
                 total.dedup_writes += b.dedup_writes
                 total.reported.update(b.reported)
+                total.seen.update(b.seen)
                 for outcome, n in b.reply_outcomes.items():
                     total.reply_outcomes[outcome] = total.reply_outcomes.get(outcome, 0) + n
                 for kind, n in b.received.items():
                     total.received[kind] = total.received.get(kind, 0) + n
+            await self._evaluate(conn, total)
         return total
 
     def _after_commit(self, b: Batch) -> None:

@@ -148,3 +148,9 @@ CREATE TRIGGER device_assets_changed AFTER INSERT OR UPDATE OR DELETE ON device_
     FOR EACH STATEMENT EXECUTE FUNCTION bump_rules_version();
 CREATE TRIGGER devices_scope_changed AFTER INSERT OR DELETE OR UPDATE OF tags ON devices
     FOR EACH STATEMENT EXECUTE FUNCTION bump_rules_version();
+
+-- The bridge's side (bridge/rules.py). The no-data/offline sweep resolves firing alerts
+-- and skips pairs that already fire: it finds them through this index, not a scan.
+CREATE INDEX rule_state_firing ON rule_state (rule_id, device_id) WHERE alert_id IS NOT NULL;
+-- The offline sweep reads the offline devices of an organization, not all of them.
+CREATE INDEX devices_offline ON devices (org_id, status_changed_at) WHERE status = 'offline';
