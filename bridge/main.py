@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
+from bridge.notify import Notifier
 from bridge.retained import RetainedJanitor
 from bridge.store import Store
 from bridge.subscribe import Ingest
@@ -94,6 +95,9 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=3),
                            startup_timeout)
         await check_schema(pool)
+        # The webhook sender's own connections: ingestion never waits for one of its (bridge/notify.py).
+        notify_pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=0,
+                                                                              max_size=2), startup_timeout)
         counts = await _retry("broker", lambda: reconcile_broker(settings, pool), startup_timeout)
         log.info("broker reconciled with the database: %s", counts)
         store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
@@ -105,6 +109,8 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
             async with asyncio.TaskGroup() as tasks:
                 janitor = tasks.create_task(RetainedJanitor(settings, store, metrics).run(stop),
                                             name="retained janitor")
+                tasks.create_task(Notifier(settings.alerts, notify_pool, metrics.registry).run(stop),
+                                  name="webhook sender")  # returns once stop is set
                 try:
                     await ingest.run(stop)
                 finally:
