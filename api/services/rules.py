@@ -244,7 +244,7 @@ class RuleService:
         self._checked(data)
         limit = self.settings.alerts.max_rules_per_org
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2::text))", _LOCK_RULE_COUNT,
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2::bigint::text))", _LOCK_RULE_COUNT,
                                access.org_id)
             if await conn.fetchval("SELECT count(*) FROM alert_rules WHERE org_id = $1", access.org_id) >= limit:
                 raise InvalidInput(f"this organization has {limit} rules, the most it may have "

@@ -157,7 +157,7 @@ class WebhookService:
         secret = _new_secret()
         limit = self.settings.alerts.max_webhooks_per_org
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2::text))", _LOCK_WEBHOOK_COUNT,
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2::bigint::text))", _LOCK_WEBHOOK_COUNT,
                                access.org_id)
             if await conn.fetchval("SELECT count(*) FROM webhooks WHERE org_id = $1", access.org_id) >= limit:
                 raise InvalidInput(f"this organization has {limit} webhooks, the most it may have "
