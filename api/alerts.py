@@ -18,10 +18,10 @@ from api.services.rules import Severity
 Alerts = NamedDependency[AlertService]
 Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
 #: ``state`` is a name Litestar reserves for the app's state: the parameter is ``in_state``, the query key ``state``.
-StateFilter = Annotated[AlertState | None, QueryParameter(query="state", description="only alerts in this state")]
+StateFilter = Annotated[AlertState | None, QueryParameter(name="state", description="only alerts in this state")]
 SeverityFilter = Annotated[Severity | None, QueryParameter(description="only alerts of this severity")]
-From = Annotated[datetime | None, QueryParameter(query="from", description="fired at or after (RFC 3339)")]
-To = Annotated[datetime | None, QueryParameter(query="to", description="fired before (RFC 3339)")]
+From = Annotated[datetime | None, QueryParameter(name="from", description="fired at or after (RFC 3339)")]
+To = Annotated[datetime | None, QueryParameter(name="to", description="fired before (RFC 3339)")]
 Before = Annotated[int | None, QueryParameter(ge=1, le=BIGINT_MAX, description="continue after this id")]
 
 

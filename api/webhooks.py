@@ -26,7 +26,7 @@ from api.services.webhooks import (
 Webhooks = NamedDependency[WebhookService]
 Limit = Annotated[int, QueryParameter(ge=1, le=1000)]
 Cursor = Annotated[int | None, QueryParameter(ge=1, le=BIGINT_MAX, description="continue after this id")]
-StateFilter = Annotated[DeliveryState | None, QueryParameter(query="state",
+StateFilter = Annotated[DeliveryState | None, QueryParameter(name="state",
                                                              description="only deliveries in this state")]
 
 
