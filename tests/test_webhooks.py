@@ -231,6 +231,33 @@ def test_a_delivery_that_keeps_failing_is_given_up_after_the_retry_time(tmp_root
         stack.stop()
 
 
+def test_two_bridges_send_each_delivery_once(own_stack: Stack, unique: str) -> None:
+    """Both bridges' senders claim from the same outbox (FOR UPDATE SKIP LOCKED, then a
+    lease): every delivery reaches its receiver exactly once, in one attempt."""
+    bridges = [own_stack.start_bridge(f"lms-bridge-{x}", LMS_BRIDGE_SUBSCRIPTION="shared", **SENDER) for x in "ab"]
+    api = own_stack.start_api(LMS_WEBHOOK_ALLOW_PRIVATE="1")
+    receiver = Receiver()
+    org = Org(api, own_stack, unique)
+    try:
+        org.device("pump-1")
+        hooks = [org.call("POST", "/webhooks", {"url": receiver.url + f"&hook={i}"}).json()["webhook"]["id"]
+                 for i in range(10)]
+        for _ in range(3):
+            alert_change(org, own_stack, "pump-1")
+        total = len(hooks) * 3
+        wait_until(lambda: own_stack.scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+                   == total, 30, "every delivery")
+        ids = [h[DELIVERY_HEADER] for h, _ in receiver.requests]
+        assert len(ids) == len(set(ids)) == total
+        assert own_stack.scalar("SELECT count(*) FROM webhook_attempts") == total
+        split = [b.metric('lms_bridge_webhook_attempts_total{outcome="delivered"}') for b in bridges]
+        assert sum(split) == total
+        print(f"deliveries sent per bridge: {split}")
+    finally:
+        org.close()
+        receiver.close()
+
+
 def test_a_bridge_killed_mid_request_loses_no_delivery(org: Org, hooks_stack: Stack) -> None:
     receiver = Receiver()
     receiver.hold = threading.Event()

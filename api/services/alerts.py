@@ -110,14 +110,12 @@ class AlertService:
         """Record who acknowledged the alert and when; the first acknowledgement stays."""
         async with self.pool.acquire() as conn, conn.transaction():
             r = await conn.fetchrow(
-                """UPDATE alerts SET acknowledged_at = now(), acknowledged_by = $3
-                   WHERE id = $1 AND org_id = $2 AND acknowledged_at IS NULL
-                   RETURNING id, rule_name, severity, state""",
+                """UPDATE alerts a SET acknowledged_at = now(), acknowledged_by = $3 FROM devices d
+                   WHERE a.id = $1 AND a.org_id = $2 AND a.acknowledged_at IS NULL AND d.id = a.device_id
+                   RETURNING d.slug AS device, a.rule_name, a.severity, a.state""",
                 alert_id, access.org_id, access.principal.user_id)
             if r is not None:
-                device = await conn.fetchval(
-                    "SELECT d.slug FROM alerts a JOIN devices d ON d.id = a.device_id WHERE a.id = $1", alert_id)
                 await audit.write(conn, "alert.acknowledged", actor=access.principal.user_id, org_id=access.org_id,
-                                  target=device, detail={"alert_id": alert_id, "rule": r["rule_name"],
-                                                         "severity": r["severity"], "state": r["state"]})
+                                  target=r["device"], detail={"alert_id": alert_id, "rule": r["rule_name"],
+                                                              "severity": r["severity"], "state": r["state"]})
         return await self.get(access, alert_id)
