@@ -98,7 +98,8 @@ class Notifier:
         # No keep-alive: each attempt connects to the address it has just checked, and a pooled
         # connection (keyed by address) could carry another host's request under the first's
         # TLS name. Proxies from the environment are not used: they would connect by name.
-        async with httpx.AsyncClient(follow_redirects=False, trust_env=False,
+        # The attempt's one time bound is its asyncio.timeout (name lookup included), not httpx's own.
+        async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=None,
                                      limits=httpx.Limits(max_connections=self.settings.webhook_concurrency,
                                                          max_keepalive_connections=0)) as client, \
                 asyncio.TaskGroup() as tasks:
