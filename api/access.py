@@ -34,7 +34,8 @@ MATRIX: dict[str, frozenset[str]] = {
     "devices.read": frozenset(ROLES),
     "devices.write": frozenset({"owner", "admin"}),
     "commands.send": frozenset({"owner", "admin", "operator"}),
-    "rules.manage": frozenset({"owner", "admin"}),
+    "rules.manage": frozenset({"owner", "admin"}),  # alert rules and webhooks
+    "alerts.acknowledge": frozenset({"owner", "admin", "operator"}),
     "data.read": frozenset(ROLES),
     "quarantine.read": frozenset({"owner", "admin"}),
     "mqtt_credentials.manage": frozenset({"owner", "admin", "technician"}),

@@ -14,6 +14,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components
 
 from api.access import check_routes, org_router
+from api.alerts import AlertsController, DeviceAlertsController
 from api.assets import AssetsController
 from api.auth.backend import SECURITY_SCHEMES, authentication
 from api.auth.routes import AuthController
@@ -28,6 +29,7 @@ from api.inputs import input_guard_middleware
 from api.keys import ApiKeysController
 from api.observability import ApiMetrics, connection_aborter, health, metrics, ready, request_id_middleware
 from api.orgs import OrgController, OrgsController
+from api.rules import RulesController
 from api.services.data import ExportSlots
 from api.services.publisher import Publisher
 from api.services.technicians import TechnicianService
@@ -35,6 +37,7 @@ from api.services.waiter import CommandWaiter
 from api.stream.relay import Relay
 from api.stream.routes import StreamController
 from api.technicians import TechniciansController, expiry_sweeper
+from api.webhooks import WebhooksController
 from lms_core import db
 from lms_core.settings import Settings
 
@@ -96,7 +99,8 @@ def create_app(settings: Settings) -> Litestar:
         route_handlers=[AuthController, OrgsController,
                         org_router(OrgController, DevicesController, DataController, TechniciansController,
                                    ApiKeysController, AssetsController, CommandsController, CommandGroupsController,
-                                   ConfigController, StreamController),
+                                   ConfigController, StreamController, RulesController, AlertsController,
+                                   DeviceAlertsController, WebhooksController),
                         health, ready, metrics],
         lifespan=[lifespan],
         dependencies=SERVICES,

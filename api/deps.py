@@ -14,6 +14,7 @@ from litestar.di import NamedDependency, Provide
 from litestar.params import PathParameter
 
 from api.auth.service import AuthService, Principal, Session
+from api.services.alerts import AlertService
 from api.services.assets import AssetService
 from api.services.audit import Audit
 from api.services.commands import CommandService
@@ -23,7 +24,9 @@ from api.services.devices import DeviceService
 from api.services.errors import Forbidden
 from api.services.keys import KeyService
 from api.services.orgs import OrgService
+from api.services.rules import RuleService
 from api.services.technicians import TechnicianService
+from api.services.webhooks import WebhookService
 from lms_core.settings import Settings
 
 Req = Request[Any, Any, Any]
@@ -109,6 +112,18 @@ async def provide_configs(state: State) -> ConfigService:
     return ConfigService(state.pool, state.settings, state.publisher)
 
 
+async def provide_rules(state: State) -> RuleService:
+    return RuleService(state.pool, state.settings)
+
+
+async def provide_alerts(state: State) -> AlertService:
+    return AlertService(state.pool)
+
+
+async def provide_webhooks(state: State) -> WebhookService:
+    return WebhookService(state.pool, state.settings)
+
+
 #: Named as the handlers' parameters. ``data`` is Litestar's name for the request body,
 #: hence ``data_service``.
 SERVICES = {
@@ -123,6 +138,9 @@ SERVICES = {
     "data_service": Provide(provide_data),
     "commands": Provide(provide_commands),
     "configs": Provide(provide_configs),
+    "rules": Provide(provide_rules),
+    "alerts": Provide(provide_alerts),
+    "webhooks": Provide(provide_webhooks),
 }
 
 

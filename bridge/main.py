@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 
 from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
+from bridge.notify import Notifier
 from bridge.outbox import AlertOutbox
 from bridge.retained import RetainedJanitor
 from bridge.rules import RuleEngine, RuleSweeper
@@ -98,6 +99,9 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=4),
                            startup_timeout)
         await check_schema(pool)
+        # The webhook sender's own connections: ingestion never waits for one of its (bridge/notify.py).
+        notify_pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=0,
+                                                                              max_size=2), startup_timeout)
         counts = await _retry("broker", lambda: reconcile_broker(settings, pool), startup_timeout)
         log.info("broker reconciled with the database: %s", counts)
         topics = TopicScheme(settings.topic_root)
@@ -118,6 +122,10 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
                     tasks.create_task(RuleSweeper(pool, rules, metrics).run(stop), name="alert rule sweep"),
                     tasks.create_task(outbox.run(stop), name="alert outbox"),
                 ]
+                # The webhook sender returns by itself once stop is set; cancelled at shutdown, a
+                # request in flight is retried when its lease runs out (bridge/notify.py).
+                helpers.append(tasks.create_task(Notifier(settings.alerts, notify_pool, metrics.registry).run(stop),
+                                                 name="webhook sender"))
                 try:
                     await ingest.run(stop)
                 finally:

@@ -53,7 +53,7 @@ import asyncpg
 import msgspec
 
 from bridge.metrics import BridgeMetrics
-from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message
+from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message, webhook_event
 from lms_core.db import translate
 from lms_core.errors import DatabaseUnavailable, StorageError
 from lms_core.topics import TopicScheme
@@ -347,10 +347,6 @@ class Evaluated:
 _encode = msgspec.json.Encoder().encode
 
 
-def _iso(v: datetime | None) -> str | None:
-    return None if v is None else v.isoformat().replace("+00:00", "Z")
-
-
 async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, tuple[str, str]],
                         webhooks: dict[int, list[tuple[int, frozenset[str]]]], topics: TopicScheme,
                         evaluated_at: datetime) -> int:
@@ -418,12 +414,11 @@ async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, 
         out_payloads.append(alert_message(alert_id, rule.name, state, rule.severity, rule.metric, value, at))
         hooks = [h for h, sev in webhooks.get(rule.org_id, ()) if rule.severity in sev]
         if hooks:
-            body = _encode({"event": f"alert.{state}", "alert": {
-                "id": alert_id, "org": org, "device": dev, "rule": rule.name, "rule_id": rule.id, "kind": rule.kind,
-                "severity": rule.severity, "metric": rule.metric, "value": fired_value, "state": state,
-                "fired_at": _iso(fired_at), "resolved_at": _iso(resolved_at),
-                "resolved_value": value if state == "resolved" else None, "resolved_reason": reason,
-                "threshold": rule.threshold, "comparison": rule.comparison}}).decode()
+            body = _encode(webhook_event(
+                alert_id=alert_id, org=org, device=dev, rule=rule.name, rule_id=rule.id, kind=rule.kind,
+                severity=rule.severity, metric=rule.metric, state=state, value=fired_value, fired_at=fired_at,
+                resolved_at=resolved_at, resolved_value=value if state == "resolved" else None,
+                resolved_reason=reason)).decode()
             for h in hooks:
                 hook_ids.append(h)
                 hook_alerts.append(alert_id)

@@ -283,6 +283,44 @@ class ApiSettings(msgspec.Struct, frozen=True):
         "LMS_CONFIG_MAX_BYTES", "largest desired configuration document, as JSON", ge=2, le=256 * 1024)] = 16 * 1024
 
 
+class AlertSettings(msgspec.Struct, frozen=True):
+    """Alert rules and their webhooks (api/services/rules.py, api/services/webhooks.py,
+    bridge/notify.py)."""
+
+    # The bridge keeps every enabled rule in memory and matches each reading against those of
+    # its metric (issue 9's bench: 1,000 rules in one organization); the limit keeps one
+    # organization from growing that without bound.
+    max_rules_per_org: Annotated[int, setting(
+        "LMS_RULES_MAX_PER_ORG", "most alert rules one organization may have", ge=1, le=100_000)] = 2000
+    max_webhooks_per_org: Annotated[int, setting(
+        "LMS_WEBHOOKS_MAX_PER_ORG", "most webhooks one organization may have", ge=1, le=1000)] = 20
+    # Off: a webhook URL whose host is (or resolves to) a loopback, private, link-local,
+    # multicast, unspecified or reserved address is refused, when it is saved and again at each
+    # delivery -- anyone who may manage rules could otherwise make the platform call its own
+    # network (server-side request forgery), e.g. a cloud metadata service.
+    webhook_allow_private: Annotated[bool, setting(
+        "LMS_WEBHOOK_ALLOW_PRIVATE", "`1` lets webhooks call loopback, private and link-local addresses "
+        "(tests, a receiver on the same network); `0` refuses them", words=("0", "1"))] = False
+    # A slow receiver costs one of the sender's slots for at most this long per attempt.
+    webhook_timeout_s: Annotated[int, setting(
+        "LMS_WEBHOOK_TIMEOUT_SECONDS", "one webhook attempt (connect, send, answer) is given up after this long",
+        ge=1, le=60)] = 5
+    webhook_concurrency: Annotated[int, setting(
+        "LMS_WEBHOOK_CONCURRENCY", "webhook requests in flight at once per bridge process (at most one per "
+        "webhook)", ge=1, le=1000)] = 8
+    # 2, 4, 8 ... s: a receiver that is down for a deploy gets its backlog within seconds of
+    # coming back; the cap keeps a long outage to a few attempts an hour per delivery.
+    webhook_backoff_ms: Annotated[int, setting(
+        "LMS_WEBHOOK_BACKOFF_MS", "wait before the first retry of a failed webhook delivery; doubled after "
+        "each further failure", ge=1, le=3_600_000)] = 2000
+    webhook_backoff_max_s: Annotated[int, setting(
+        "LMS_WEBHOOK_BACKOFF_MAX_SECONDS", "longest wait between two attempts of a delivery",
+        ge=1, le=86400)] = 900
+    webhook_retry_s: Annotated[int, setting(
+        "LMS_WEBHOOK_RETRY_SECONDS", "a delivery still failing this long after its alert change is given up "
+        "(`failed`)", ge=1, le=30 * 86400)] = 86400
+
+
 class Settings(msgspec.Struct, frozen=True):
     database_url: Annotated[str, setting(
         "LMS_DATABASE_URL", "the database", accepts="`postgresql://user:password@host:port/db`",
@@ -314,6 +352,7 @@ class Settings(msgspec.Struct, frozen=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     bridge: BridgeSettings = msgspec.field(default_factory=BridgeSettings)
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+    alerts: AlertSettings = msgspec.field(default_factory=AlertSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, require_secret: bool = True) -> Settings:
@@ -364,8 +403,10 @@ class Settings(msgspec.Struct, frozen=True):
             except ValueError:
                 raise SettingsError(f"LMS_API_TRUSTED_PROXIES: {proxy!r} is not an address or network") from None
         api = ApiSettings(**api_values)
+        alerts = AlertSettings(**_read(AlertSettings, env))
         return cls(**{**top, "database_url": db, "mqtt": mqtt, "device_mqtt_url": device_url, "secret_key": secret,
-                      "insecure_secret": insecure, "limits": limits, "bridge": bridge, "api": api})
+                      "insecure_secret": insecure, "limits": limits, "bridge": bridge, "api": api,
+                      "alerts": alerts})
 
 
 # -- reading the declarations ---------------------------------------------------------

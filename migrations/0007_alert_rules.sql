@@ -123,6 +123,9 @@ CREATE TABLE webhook_attempts (
     duration_ms  integer NOT NULL
 );
 CREATE INDEX webhook_attempts_webhook ON webhook_attempts (webhook_id, id DESC);
+-- A delivery's attempts, in order (GET .../deliveries/{id}/attempts), and the cascade of
+-- deleting a delivery.
+CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
 
 -- The bridge caches rules, webhooks and the scope facts of devices (tags, assets). Any
 -- change to them bumps this counter in its transaction; the bridge reads it before each
