@@ -27,6 +27,7 @@ from typing import Any, Literal
 import asyncpg
 from litestar import Controller, WebSocket, websocket
 from litestar.exceptions import NotAuthorizedException, NotFoundException, PermissionDeniedException
+from litestar.params import FromQuery
 
 from api.access import OrgAccess, resolve_access
 from api.auth.backend import WS_PROTOCOL, authenticate
@@ -66,7 +67,8 @@ class StreamController(Controller):
     tags = ["stream"]
 
     @websocket("/", opt={"perm": "data.read"})
-    async def stream(self, socket: WebSocket[Any, Any, Any], overflow: Literal["close", "drop"] = "close") -> None:
+    async def stream(self, socket: WebSocket[Any, Any, Any],
+                     overflow: FromQuery[Literal["close", "drop"]] = "close") -> None:
         access: OrgAccess = socket.scope["state"]["org_access"]
         settings = socket.app.state.settings
         relay: Relay = socket.app.state.relay

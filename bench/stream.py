@@ -1,0 +1,282 @@
+"""WebSocket relay benchmark: publish -> WebSocket frame latency with many connected clients
+while the bridge ingests, and the API's CPU and memory per client (issue 10).
+
+usage (from the repository root):
+    .venv/bin/python bench/stream.py [--clients 100,1000] [--rate 5000] [--devices 1000] [--seconds 15]
+                                     [--watch 3] [--idle 1000]
+
+It builds its own stack in a temporary folder (PostgreSQL with durable settings, Mosquitto,
+one `lms bridge`, one `lms api`), creates organization "bench" through the API and --devices
+devices in it (rows written straight into the database: the load is published with the
+platform's account, so no broker logins are needed), then:
+
+  idle     --idle clients connect and each subscribes to one silent device: the API process's
+           resident memory before and after, per client;
+  load     for each count of --clients: the clients connect, each watching --watch devices
+           (client i watches devices i*watch ... mod --devices), a publisher sends --rate
+           telemetry messages per second spread evenly over all devices (the bridge ingests
+           all of them), and for --seconds every frame's latency is taken from the publish
+           time written in its payload to its arrival; the API process's CPU over that window.
+
+Publisher and clients each run in a process of their own (asyncio; the `websockets`
+client); everything shares this machine's cores. Results are printed as Markdown and written
+as JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from bench.common import BenchError, proc_cpu, say
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for {pid}")
+
+
+# -- child processes ------------------------------------------------------------------
+
+def run_publisher(mqtt_url: str, devices: int, rate: int, seconds: float) -> None:
+    """Publish ``rate`` msg/s for ``seconds``, round-robin over the devices, QoS 0."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from lms_core.settings import MqttUrl
+
+    url = MqttUrl.parse(mqtt_url)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{os.getpid()}")
+    client.username_pw_set(url.username, url.password)
+    client.max_queued_messages_set(0)
+    client.connect(url.host, url.port)
+    client.loop_start()
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < seconds:
+        due = int((time.monotonic() - start) * rate)
+        while sent < due:
+            dev = sent % devices
+            client.publish(f"lms/bench/dev-{dev:05d}/telemetry",
+                           json.dumps({"seq": sent, "sent": time.time()}), qos=0)
+            sent += 1
+        time.sleep(0.002)
+    time.sleep(0.5)
+    client.disconnect()
+    client.loop_stop()
+    print(json.dumps({"sent": sent}), flush=True)
+
+
+async def run_clients(url: str, token: str, n: int, watch: int, devices: int, seconds: float, idle: bool) -> None:
+    """Connect ``n`` clients; print "ready"; then collect latencies for ``seconds`` (or, idle,
+    wait until stdin closes)."""
+    from websockets.asyncio.client import connect
+
+    latencies: list[float] = []
+    frames = 0
+    stop = asyncio.Event()
+
+    async def client(i: int) -> None:
+        nonlocal frames
+        async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=60,
+                           max_queue=None, compression=None) as ws:
+            await ws.recv()  # welcome
+            filters = ["idle/telemetry"] if idle else \
+                [f"dev-{(i * watch + k) % devices:05d}/telemetry" for k in range(watch)]
+            for f in filters:
+                await ws.send(json.dumps({"type": "subscribe", "filter": f}))
+                answer = json.loads(await ws.recv())
+                if answer["type"] != "subscribed":
+                    raise BenchError(f"subscribe refused: {answer}")
+            ready.append(i)
+            while not stop.is_set():
+                try:
+                    text = await asyncio.wait_for(ws.recv(), 0.5)
+                except TimeoutError:
+                    continue
+                frame = json.loads(text)
+                if frame.get("type") == "message" and collecting:
+                    latencies.append(time.time() - frame["payload"]["sent"])
+                    frames += 1
+
+    ready: list[int] = []
+    collecting = False
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.create_task(client(i)))
+        if i % 50 == 49:
+            await asyncio.sleep(0.05)  # don't storm the accept queue
+    while len(ready) < n:
+        await asyncio.sleep(0.1)
+        for t in tasks:
+            if t.done() and t.exception():
+                raise t.exception()  # type: ignore[misc]
+    print("ready", flush=True)
+    if idle:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    else:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+        collecting = True
+        await asyncio.sleep(seconds)
+        collecting = False
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(json.dumps({"latencies": latencies, "frames": frames}), flush=True)
+
+
+# -- the measurement --------------------------------------------------------------------
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=ROOT)
+
+
+def wait_ready(proc: subprocess.Popen[bytes], what: str) -> None:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != b"ready":
+        raise BenchError(f"{what} did not start: {line!r}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", default="100,1000", help="client counts, comma-separated")
+    ap.add_argument("--rate", type=int, default=5000, help="messages per second ingested meanwhile")
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--watch", type=int, default=3, help="devices each client watches")
+    ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory measurement (0: skip)")
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--args", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mode == "publish":
+        a = json.loads(args.args)
+        run_publisher(a["mqtt"], a["devices"], a["rate"], a["seconds"])
+        return 0
+    if args.mode == "clients":
+        a = json.loads(args.args)
+        asyncio.run(run_clients(a["url"], a["token"], a["n"], a["watch"], a["devices"], a["seconds"], a["idle"]))
+        return 0
+    counts = [int(c) for c in args.clients.split(",") if c]
+
+    from tests.harness import Postgres, Stack, free_port, new_password
+
+    results: dict[str, Any] = {"args": vars(args), "load": {}}
+    with tempfile.TemporaryDirectory(prefix="lms-bench-stream-") as tmp:
+        stack = Stack(Path(tmp) / "stack")
+        stack.pg = Postgres(stack.root / "postgres", free_port(), new_password())  # durable: fsync on
+        try:
+            say("starting PostgreSQL, Mosquitto, bridge and API")
+            stack.start()
+            stack.start_bridge()
+            limit = str(max([*counts, args.idle]) + 10)
+            api = stack.start_api(LMS_API_WS_MAX_CLIENTS=limit, LMS_API_WS_MAX_PER_USER=limit)
+            assert api.proc is not None
+            pid = api.proc.pid
+            with httpx.Client(base_url=api.url, timeout=30) as http:
+                http.post("/api/v1/auth/register", json={"email": "bench@example.com", "password": "bench pass 123"})
+                r = http.post("/api/v1/auth/login", json={"email": "bench@example.com", "password": "bench pass 123"})
+                token = r.json()["access_token"]
+                http.cookies.clear()
+                http.headers["Authorization"] = f"Bearer {token}"
+                if http.post("/api/v1/orgs", json={"slug": "bench"}).status_code != 201:
+                    raise BenchError("could not create the organization")
+            stack.query("""INSERT INTO devices (org_id, slug, credential_nonce)
+                           SELECT o.id, 'dev-' || lpad(i::text, 5, '0'), 'x' FROM organizations o,
+                                  generate_series(0, $1 - 1) i WHERE o.slug = 'bench'""", args.devices)
+            url = api.url.replace("http://", "ws://") + "/api/v1/orgs/bench/stream"
+            if args.idle:
+                time.sleep(1)
+                before = rss_kib(pid)
+                say(f"idle: {args.idle} clients")
+                clients = spawn("--mode", "clients", "--args", json.dumps(
+                    {"url": url, "token": token, "n": args.idle, "watch": 1, "devices": args.devices,
+                     "seconds": 0, "idle": True}))
+                wait_ready(clients, "the idle clients")
+                time.sleep(2)
+                after = rss_kib(pid)
+                assert clients.stdin is not None
+                clients.stdin.close()
+                clients.wait(60)
+                results["idle"] = {"clients": args.idle, "rss_before_kib": before, "rss_after_kib": after,
+                                   "per_client_kib": (after - before) / args.idle}
+            for n in counts:
+                say(f"load: {n} clients watching {args.watch} devices each, {args.rate} msg/s for {args.seconds} s")
+                clients = spawn("--mode", "clients", "--args", json.dumps(
+                    {"url": url, "token": token, "n": n, "watch": args.watch, "devices": args.devices,
+                     "seconds": args.seconds, "idle": False}))
+                wait_ready(clients, "the clients")
+                publisher = spawn("--mode", "publish", "--args", json.dumps(
+                    {"mqtt": stack.mq.service_url, "devices": args.devices, "rate": args.rate,
+                     "seconds": args.seconds + 3}))
+                time.sleep(2)  # the publisher reaches its rate
+                cpu0, t0 = proc_cpu(pid), time.monotonic()
+                assert clients.stdin is not None and clients.stdout is not None
+                clients.stdin.write(b"go\n")
+                clients.stdin.flush()
+                out = json.loads(clients.stdout.readline())
+                cpu = (proc_cpu(pid) - cpu0) / (time.monotonic() - t0)
+                clients.wait(60)
+                publisher.wait(60)
+                lat = out["latencies"]
+                if not lat:
+                    raise BenchError("no frames arrived")
+                results["load"][n] = {"frames": out["frames"], "frames_per_s": out["frames"] / args.seconds,
+                                      "p50_ms": statistics.median(lat) * 1000, "p99_ms": pct(lat, 99) * 1000,
+                                      "max_ms": max(lat) * 1000, "api_cpu": cpu, "api_rss_kib": rss_kib(pid)}
+        except BenchError as exc:
+            print(f"bench/stream.py: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            stack.stop()
+
+    when = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    print(f"\n## WebSocket relay ({platform.node()}, {os.cpu_count()} cores, {when}; "
+          f"{args.rate} msg/s ingested meanwhile)\n")
+    print("| clients | frames/s | p50 ms | p99 ms | max ms | API CPU (cores) | API RSS MiB |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for n, r in results["load"].items():
+        print(f"| {n} | {r['frames_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | "
+              f"{r['api_cpu']:.2f} | {r['api_rss_kib'] / 1024:.0f} |")
+    if "idle" in results:
+        i = results["idle"]
+        print(f"\nIdle clients: {i['clients']} added {(i['rss_after_kib'] - i['rss_before_kib']) / 1024:.1f} MiB "
+              f"to the API process ({i['per_client_kib']:.1f} KiB per client).")
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"stream-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    for r in results["load"].values():
+        r.pop("latencies", None)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"\n(raw numbers: {path.relative_to(ROOT)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
