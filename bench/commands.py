@@ -116,7 +116,10 @@ async def command(api: httpx.AsyncClient, device: str) -> float:
 
 
 async def measure(base: str, args: argparse.Namespace, port: int, tmp: Path) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=args.devices + 10, max_keepalive_connections=args.devices + 10)
+    # Idle connections are dropped before uvicorn's keep-alive timeout (5 s) would close them
+    # under a request about to be sent on one (a reset, not an answer).
+    limits = httpx.Limits(max_connections=args.devices + 10, max_keepalive_connections=args.devices + 10,
+                          keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as api:
         r = await api.post("/api/v1/auth/register", json={"email": "bench@example.com", "password": "bench pass 123"})
         r = await api.post("/api/v1/auth/login", json={"email": "bench@example.com", "password": "bench pass 123"})
@@ -203,6 +206,10 @@ def main() -> int:
         except BenchError as exc:
             print(f"bench/commands.py: {exc}", file=sys.stderr)
             return 1
+        except Exception:
+            for a in stack.apis:  # what the API said, before the folder goes
+                print(a.log.read_text()[-3000:], file=sys.stderr)
+            raise
         finally:
             stack.stop()
 

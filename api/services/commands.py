@@ -18,6 +18,7 @@ reader sees the same state without a sweeper's delay.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -165,12 +166,16 @@ class CommandService:
         final state. Returns the command and whether its state is final."""
         params = self._checked(data.params, data.ttl_seconds)
         async with self.pool.acquire() as conn, conn.transaction():
-            dev_id = await self._device_id(conn, access, device)
+            # One statement finds the device and stores the command (each round trip here is
+            # paid by every command of a busy dashboard).
             r = await conn.fetchrow(
                 """INSERT INTO commands (org_id, device_id, name, params, expires_at, created_by)
-                   VALUES ($1, $2, $3, $4::jsonb, now() + $5 * interval '1 second', $6)
-                   RETURNING id, expires_at""",
-                access.org_id, dev_id, data.name, params, data.ttl_seconds, access.principal.user_id)
+                   SELECT $1, d.id, $3, $4::jsonb, now() + $5 * interval '1 second', $6
+                   FROM devices d WHERE d.org_id = $1 AND d.slug = $2
+                   RETURNING id, created_at, expires_at""",
+                access.org_id, device, data.name, params, data.ttl_seconds, access.principal.user_id)
+            if r is None:
+                raise NotFound(f"device {device!r} not found")
             await audit.write(conn, "command.sent", actor=access.principal.user_id, org_id=access.org_id,
                               target=device, detail={"command_id": r["id"], "name": data.name})
         command_id: int = r["id"]
@@ -192,14 +197,26 @@ class CommandService:
             # answer an error (a caller told "failed" sends it again, and it runs twice).
             # Reads keep trying until the deadline; the last state read is the answer.
             deadline = time.monotonic() + min(wait, MAX_WAIT_S)
+            sent = None
             try:
-                await self.pool.execute("UPDATE commands SET sent_at = now() WHERE id = $1", command_id)
+                sent = await self.pool.fetchrow(
+                    "UPDATE commands SET sent_at = now() WHERE id = $1 RETURNING sent_at, state", command_id)
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 log.warning("command %d sent, but its sent_at not written: %s", command_id, exc)
             cmd: Command | None = None
+            if not wait and sent is not None and sent["state"] == "pending":
+                # Nobody waits: the state is the one just written, no need to read it back.
+                return Command(id=command_id, device=device, name=data.name, params=data.params, state="pending",
+                               created_at=r["created_at"], expires_at=r["expires_at"], sent_at=sent["sent_at"],
+                               delivered_at=None, finished_at=None, reply=None, error=None, group_id=None,
+                               topic=topic), False
             while True:
+                if wait:
+                    # The device may have answered already: then the event is set and this
+                    # returns at once; else it returns at the notification (or each POLL_S).
+                    await self.waiter.sleep(changed, max(deadline - time.monotonic(), 0.0))
                 try:
                     cmd = await self.get(access, device, command_id)
                 except Exception as exc:
@@ -208,10 +225,10 @@ class CommandService:
                     log.warning("command %d sent; reading its state failed: %s", command_id, exc)
                     if cmd is None and time.monotonic() >= deadline + WAIT_GRACE_S:
                         raise translate(exc) from exc
-                remaining = deadline - time.monotonic()
-                if cmd is not None and (cmd.state in FINAL_STATES or remaining <= 0):
+                    await asyncio.sleep(0.2)
+                    continue
+                if cmd.state in FINAL_STATES or deadline - time.monotonic() <= 0:
                     return cmd, cmd.state in FINAL_STATES
-                await self.waiter.sleep(changed, max(remaining, 0.2))
 
     async def _undeliverable(self, ids: list[int], exc: Exception) -> None:
         await self.pool.execute(
@@ -220,11 +237,14 @@ class CommandService:
             ids, f"not delivered: the broker did not take the command ({exc})"[:500])
 
     async def get(self, access: OrgAccess, device: str, command_id: int) -> Command:
+        query = f"""SELECT {_COLUMNS}, c.expires_at <= now() AS past FROM commands c
+                    JOIN devices d ON d.id = c.device_id WHERE c.id = $1 AND c.org_id = $2 AND d.slug = $3"""
         async with self.pool.acquire() as conn:
-            await conn.execute(_EXPIRE.format(where="id = $1"), command_id)
-            r = await conn.fetchrow(
-                f"""SELECT {_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id
-                    WHERE c.id = $1 AND c.org_id = $2 AND d.slug = $3""", command_id, access.org_id, device)
+            r = await conn.fetchrow(query, command_id, access.org_id, device)
+            if r is not None and r["past"] and r["state"] in OPEN_STATES:
+                # Past its deadline and still open: expired, written now (see the module's docstring).
+                await conn.execute(_EXPIRE.format(where="id = $1"), command_id)
+                r = await conn.fetchrow(query, command_id, access.org_id, device)
         if r is None:
             raise NotFound(f"command {command_id} of device {device!r} not found")
         return self._command(r, access.slug)
