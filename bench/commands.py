@@ -47,6 +47,23 @@ from bench.common import BenchError, say
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def server_times(log: str, marks: list[float]) -> dict[str, list[float]]:
+    """The API's own time per command request (its access log's ``ms``), split into the
+    one-at-a-time phase (before ``marks[0]``) and the all-at-once phase: how much of the
+    round trip the client's own queueing adds on a machine it shares."""
+    out: dict[str, list[float]] = {"single": [], "at_once": []}
+    for line in log.splitlines():
+        if '"/api/v1/orgs/bench/devices/' not in line or '"method": "POST"' not in line or "/commands" not in line:
+            continue
+        rec = json.loads(line)
+        at = datetime.fromisoformat(rec["ts"].replace("Z", "+00:00")).timestamp()
+        if at < marks[0]:
+            out["single"].append(rec["ms"] / 1000)
+        elif at <= marks[1] + 1:
+            out["at_once"].append(rec["ms"] / 1000)
+    return out
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -145,11 +162,13 @@ async def measure(base: str, args: argparse.Namespace, port: int, tmp: Path) -> 
                 await command(api, "dev-00000")  # warm-up: connections, prepared statements
             single = [await command(api, f"dev-{i % args.devices:05d}") for i in range(args.single)]
             out["single"] = single
+            out["marks"] = [time.time()]
             say(f"at once: {args.rounds} rounds of {args.devices} commands at once")
             together: list[float] = []
             for _ in range(args.rounds):
                 together += await asyncio.gather(*(command(api, f"dev-{i:05d}") for i in range(args.devices)))
             out["at_once"] = together
+            out["marks"].append(time.time())
             say(f"fleet: one command to {args.fleet} devices")
             started = time.perf_counter()
             r = await api.post("/api/v1/orgs/bench/command-groups", json={"name": "ping", "tag": "fleet"})
@@ -203,6 +222,7 @@ def main() -> int:
             stack.start_bridge()
             api = stack.start_api()
             out = asyncio.run(measure(api.url, args, stack.mq.port, Path(tmp)))
+            out["server"] = server_times(api.log.read_text(), out["marks"])
         except BenchError as exc:
             print(f"bench/commands.py: {exc}", file=sys.stderr)
             return 1
@@ -216,12 +236,16 @@ def main() -> int:
     def ms(v: float) -> str:
         return f"{v * 1000:.1f}"
 
-    rows = [("single (one at a time)", out["single"]), (f"{args.devices} at once", out["at_once"])]
+    rows = [("single (one at a time)", out["single"]), (f"{args.devices} at once", out["at_once"]),
+            ("single, inside the API", out["server"]["single"]),
+            (f"{args.devices} at once, inside the API", out["server"]["at_once"])]
     when = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     print(f"\n## Command round trip ({platform.node()}, {os.cpu_count()} cores, {when})\n")
     print("| calls | n | p50 ms | p99 ms | max ms |")
     print("|---|---:|---:|---:|---:|")
     for name, values in rows:
+        if not values:
+            continue
         print(f"| {name} | {len(values)} | {ms(statistics.median(values))} | {ms(pct(values, 99))} | "
               f"{ms(max(values))} |")
     rate = args.fleet / out["fleet_s"]
