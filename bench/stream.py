@@ -93,14 +93,14 @@ def run_publisher(mqtt_url: str, devices: int, rate: int, seconds: float) -> Non
     print(json.dumps({"sent": sent}), flush=True)
 
 
-async def run_clients(url: str, token: str, n: int, watch: int, devices: int, seconds: float, idle: bool) -> None:
+async def run_clients(url: str, token: str, n: int, watch: int, devices: int, seconds: float, idle: bool,
+                      first: int = 0) -> None:
     """Connect ``n`` clients; print "ready"; then collect latencies for ``seconds`` (or, idle,
     wait until stdin closes)."""
     from websockets.asyncio.client import connect
 
     latencies: list[float] = []
     frames = 0
-    stop = asyncio.Event()
 
     async def client(i: int) -> None:
         nonlocal frames
@@ -108,22 +108,19 @@ async def run_clients(url: str, token: str, n: int, watch: int, devices: int, se
                            max_queue=None, compression=None) as ws:
             await ws.recv()  # welcome
             filters = ["idle/telemetry"] if idle else \
-                [f"dev-{(i * watch + k) % devices:05d}/telemetry" for k in range(watch)]
+                [f"dev-{((first + i) * watch + k) % devices:05d}/telemetry" for k in range(watch)]
             for f in filters:
                 await ws.send(json.dumps({"type": "subscribe", "filter": f}))
                 answer = json.loads(await ws.recv())
                 if answer["type"] != "subscribed":
                     raise BenchError(f"subscribe refused: {answer}")
             ready.append(i)
-            while not stop.is_set():
-                try:
-                    text = await asyncio.wait_for(ws.recv(), 0.5)
-                except TimeoutError:
-                    continue
-                frame = json.loads(text)
-                if frame.get("type") == "message" and collecting:
-                    latencies.append(time.time() - frame["payload"]["sent"])
-                    frames += 1
+            async for text in ws:  # until cancelled at the end
+                if collecting:
+                    frame = json.loads(text)
+                    if frame.get("type") == "message":
+                        latencies.append(time.time() - frame["payload"]["sent"])
+                        frames += 1
 
     ready: list[int] = []
     collecting = False
@@ -145,7 +142,8 @@ async def run_clients(url: str, token: str, n: int, watch: int, devices: int, se
         collecting = True
         await asyncio.sleep(seconds)
         collecting = False
-    stop.set()
+    for t in tasks:
+        t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     print(json.dumps({"latencies": latencies, "frames": frames}), flush=True)
 
@@ -172,6 +170,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--watch", type=int, default=3, help="devices each client watches")
     ap.add_argument("--idle", type=int, default=1000, help="idle clients for the memory measurement (0: skip)")
+    ap.add_argument("--client-procs", type=int, default=2, help="processes the clients are spread over")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--args", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -181,7 +180,8 @@ def main() -> int:
         return 0
     if args.mode == "clients":
         a = json.loads(args.args)
-        asyncio.run(run_clients(a["url"], a["token"], a["n"], a["watch"], a["devices"], a["seconds"], a["idle"]))
+        asyncio.run(run_clients(a["url"], a["token"], a["n"], a["watch"], a["devices"], a["seconds"], a["idle"],
+                                a.get("first", 0)))
         return 0
     counts = [int(c) for c in args.clients.split(",") if c]
 
@@ -228,21 +228,31 @@ def main() -> int:
                                    "per_client_kib": (after - before) / args.idle}
             for n in counts:
                 say(f"load: {n} clients watching {args.watch} devices each, {args.rate} msg/s for {args.seconds} s")
-                clients = spawn("--mode", "clients", "--args", json.dumps(
-                    {"url": url, "token": token, "n": n, "watch": args.watch, "devices": args.devices,
-                     "seconds": args.seconds, "idle": False}))
-                wait_ready(clients, "the clients")
+                procs = max(1, min(args.client_procs, n))
+                clients_list = [spawn("--mode", "clients", "--args", json.dumps(
+                    {"url": url, "token": token, "n": n // procs + (1 if k < n % procs else 0), "watch": args.watch,
+                     "devices": args.devices, "seconds": args.seconds, "idle": False,
+                     "first": k * (n // procs) + min(k, n % procs)})) for k in range(procs)]
+                for c in clients_list:
+                    wait_ready(c, "the clients")
                 publisher = spawn("--mode", "publish", "--args", json.dumps(
                     {"mqtt": stack.mq.service_url, "devices": args.devices, "rate": args.rate,
                      "seconds": args.seconds + 3}))
                 time.sleep(2)  # the publisher reaches its rate
                 cpu0, t0 = proc_cpu(pid), time.monotonic()
-                assert clients.stdin is not None and clients.stdout is not None
-                clients.stdin.write(b"go\n")
-                clients.stdin.flush()
-                out = json.loads(clients.stdout.readline())
+                for c in clients_list:
+                    assert c.stdin is not None
+                    c.stdin.write(b"go\n")
+                    c.stdin.flush()
+                out = {"latencies": [], "frames": 0}
+                for c in clients_list:
+                    assert c.stdout is not None
+                    part = json.loads(c.stdout.readline())
+                    out["latencies"] += part["latencies"]
+                    out["frames"] += part["frames"]
                 cpu = (proc_cpu(pid) - cpu0) / (time.monotonic() - t0)
-                clients.wait(60)
+                for c in clients_list:
+                    c.wait(60)
                 publisher.wait(60)
                 lat = out["latencies"]
                 if not lat:
