@@ -16,7 +16,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from api.services.errors import Conflict, Forbidden, RateLimited, Unauthenticated
+from api.services.errors import CommandNotSent, Conflict, Forbidden, RateLimited, Unauthenticated
 from lms_core.db import is_connection_error, translate
 from lms_core.errors import AlreadyExists, BrokerError, InvalidInput, LmsError, NotFound, StorageError
 
@@ -63,6 +63,10 @@ def domain_exception(request: Request[Any, Any, Any], exc: LmsError) -> Response
         return error_response(request, 409, str(exc))
     if isinstance(exc, InvalidInput):
         return error_response(request, 422, str(exc))
+    if isinstance(exc, CommandNotSent):
+        log.error("command %d not confirmed by the broker: %s", exc.command_id, exc)
+        return error_response(request, 503, str(exc), details={"command_id": exc.command_id},
+                              headers={"Location": exc.location})
     if isinstance(exc, StorageError | BrokerError):
         log.error("dependency failed: %s", exc)
         return error_response(request, 503, "a backing service is unavailable; try again")

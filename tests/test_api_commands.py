@@ -298,6 +298,10 @@ def test_a_broker_that_is_down_gives_503_and_no_pending_command(own_stack: Stack
         own_stack.mq.stop()
         r = org.call("POST", "/devices/pump/commands", {"name": "ping"})
         assert r.status_code == 503, r.text
+        # The answer names the command and where to look it up before sending it again.
+        cid = r.json()["error"]["details"]["command_id"]
+        assert r.headers["location"] == f"{org.base}/devices/pump/commands/{cid}"
+        assert org.call("GET", f"/devices/pump/commands/{cid}").json()["state"] == "failed"
         listed = org.call("GET", "/devices/pump/commands").json()
         # The first was handed to the broker (pending, rightly); the refused one says why it failed.
         assert [c["state"] for c in listed] == ["failed", "pending"]

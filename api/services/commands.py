@@ -31,7 +31,7 @@ from msgspec import Meta
 
 from api.services.audit import Audit
 from api.services.devices import Slug, Tag
-from api.services.errors import Conflict
+from api.services.errors import CommandNotSent, Conflict
 from api.services.publisher import Publisher
 from api.services.waiter import CommandWaiter
 from lms_core.commands import COMMAND_NAME_PATTERN, FINAL_STATES, OPEN_STATES, STATES, command_payload
@@ -180,6 +180,7 @@ class CommandService:
                               target=device, detail={"command_id": r["id"], "name": data.name})
         command_id: int = r["id"]
         topic = f"{self.topics.device_prefix(access.slug, device)}/commands/{command_id}"
+        location = f"/api/v1/orgs/{access.slug}/devices/{device}/commands/{command_id}"
         async with self.waiter.watching(command_id) as changed:
             try:
                 await self.publisher.publish(topic, command_payload(command_id, data.name, data.params,
@@ -188,11 +189,13 @@ class CommandService:
             except DeliveryUnknown as exc:
                 # Handed over, not acknowledged: it may still reach the device, so it stays
                 # pending (and expires with its TTL) and a result still counts.
-                raise BrokerUnavailable(f"the broker did not acknowledge command {command_id} ({exc}); it may "
-                                        f"still reach the device: it stays pending until it expires") from None
+                raise CommandNotSent(f"the broker did not acknowledge command {command_id} ({exc}): it may still "
+                                     "reach the device and stays pending until it expires; look it up before "
+                                     "sending it again", command_id, location) from None
             except BrokerError as exc:
                 await self._undeliverable([command_id], exc)
-                raise BrokerUnavailable(f"the broker did not take the command: {exc}") from None
+                raise CommandNotSent(f"the broker did not take command {command_id} ({exc}); it is failed and "
+                                     "will not run", command_id, location) from None
             # From here the command is on its way: PostgreSQL failing now must not make the
             # answer an error (a caller told "failed" sends it again, and it runs twice).
             # Reads keep trying until the deadline; the last state read is the answer.

@@ -9,8 +9,10 @@
     │   └── RegistrationClosed     self-service sign-up is turned off
     ├── RateLimited            too many attempts; ``retry_after`` seconds -> 429
     │   └── TooManyAttempts        logins, sign-ups
-    └── Conflict               the resource's state does not allow it    -> 409
-                               (e.g. cancelling a command that has finished)
+    ├── Conflict               the resource's state does not allow it    -> 409
+    │                          (e.g. cancelling a command that has finished)
+    └── CommandNotSent         the broker did not (or did not say it) took a stored command
+                               -> 503 naming the command and where to look it up
 """
 
 from __future__ import annotations
@@ -51,3 +53,14 @@ class TooManyAttempts(RateLimited):
 
 class Conflict(LmsError):
     pass
+
+
+class CommandNotSent(LmsError):
+    """A command was stored but the broker refused it (``failed``) or did not acknowledge it
+    (still ``pending``: it may yet reach the device). The answer names the command, so that
+    a caller looks it up before sending it again rather than running it twice."""
+
+    def __init__(self, message: str, command_id: int, location: str) -> None:
+        super().__init__(message)
+        self.command_id = command_id
+        self.location = location
