@@ -386,13 +386,15 @@ export function renderDevice(ctx, slug) {
       const alerts = await api.get(`${base}/alerts`, { limit: 20 });
       fill(alertsEl, h("h2", { id: "al-title" }, "Alert history"),
         alerts.length
-          ? h("div", { class: "scroll" }, h("table", {},
-            h("thead", {}, h("tr", {}, ["state", "severity", "rule", "value", "fired", "resolved"].map((c) => h("th", { scope: "col" }, c)))),
-            h("tbody", {}, alerts.map((a) => h("tr", { dataset: { alertId: String(a.id) } },
-              h("td", {}, badge(a.state, a.state)), h("td", {}, badge(a.severity, a.severity)),
-              h("td", {}, a.rule, a.metric ? h("span", { class: "muted" }, ` (${a.metric})`) : null),
-              h("td", {}, num(a.value)), h("td", {}, timeEl(a.fired_at)),
-              h("td", {}, a.resolved_at ? timeEl(a.resolved_at) : "—"))))))
+          ? h("ul", { class: "alerts history", "aria-label": "Alert history" }, alerts.map((a) => h("li", {
+            class: `alert sev-${a.severity}`, dataset: { alertId: String(a.id), state: a.state } },
+          h("div", { class: "alert-head" }, badge(a.severity, a.severity), " ", badge(a.state, a.state), " ",
+            h("strong", {}, a.rule)),
+          h("div", { class: "alert-body" },
+            a.metric ? [h("code", {}, a.metric), " = ", num(a.value), " · "] : [a.kind, " · "],
+            "fired ", timeEl(a.fired_at),
+            a.resolved_at ? [" · resolved ", timeEl(a.resolved_at)] : null,
+            a.acknowledged_at ? [" · acknowledged by ", a.acknowledged_by || "someone"] : null))))
           : h("p", { class: "muted" }, "No alerts."));
     } catch (exc) {
       fill(alertsEl, h("h2", { id: "al-title" }, "Alert history"), notice("error", exc.message));
