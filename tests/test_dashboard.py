@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
 from lms_core.provisioning import DeviceCredentials
 from tests.harness import REPO, ApiProcess, Stack, wait_until
@@ -33,8 +33,8 @@ from tests.test_api_commands import Org, Responder, answer_ok
 
 CHROMIUM = os.environ.get("LMS_CHROMIUM", "/usr/bin/chromium")
 SHOTS = REPO / "tests" / "screenshots"
-DESKTOP = {"width": 1280, "height": 860}
-PHONE = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 860}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 HOSTILE = "<img src=x onerror=alert(1)>"
 #: How long the page may take for what the bridge must first store and evaluate.
 STORED_S = 15_000

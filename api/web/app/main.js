@@ -77,8 +77,11 @@ api.onUnauthorized(() => {
 
 async function loadMe() {
   try {
-    state.me = await api.request("GET", "/auth/me", undefined, { quiet401: true });
-    state.orgs = await api.get("/orgs");
+    // Both at once: one round trip less before the first view.
+    const [me, orgs] = await Promise.all([api.request("GET", "/auth/me", undefined, { quiet401: true }),
+      api.request("GET", "/orgs", undefined, { quiet401: true })]);
+    state.me = me;
+    state.orgs = orgs;
   } catch (exc) {
     if (exc.status !== 401) throw exc;
     state.me = null;
