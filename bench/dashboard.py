@@ -98,6 +98,22 @@ CHART_STATS = """(metric) => {
 }"""
 
 
+#: The page's marks of one load, and the API calls that started before its first chart
+#: (device paths shortened to "…"): where the time went.
+MARKS = r"""() => {
+  const first = performance.getEntriesByName('lms:chart-drawn')[0].startTime;
+  return {
+    first, loaded: performance.getEntriesByName('lms:charts-loaded')[0].startTime,
+    charts: document.querySelectorAll('figure.chart[data-ready="true"]').length,
+    dcl: performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd,
+    calls: performance.getEntriesByType('resource')
+      .filter((e) => e.name.includes('/api/v1/') && e.startTime <= first)
+      .map((e) => ({path: new URL(e.name).pathname.replace(/^\/api\/v1\/orgs\/[^/]+\/devices\/[^/]+/, '…'),
+                    start: Math.round(e.startTime), end: Math.round(e.responseEnd)})),
+  };
+}"""
+
+
 def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
     """Open the device page ``n`` times in a fresh tab of one signed-in context."""
     context = browser.new_context(viewport=VIEWPORT)
@@ -116,13 +132,10 @@ def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
                                                                        timeout=PAGE_TIMEOUT_MS)
         tab.wait_for_function("performance.getEntriesByName('lms:chart-drawn').length >= 1",
                               timeout=PAGE_TIMEOUT_MS)
-        marks = tab.evaluate("""() => ({
-            first: performance.getEntriesByName('lms:chart-drawn')[0].startTime,
-            loaded: performance.getEntriesByName('lms:charts-loaded')[0].startTime,
-            charts: document.querySelectorAll('figure.chart[data-ready="true"]').length,
-            dcl: performance.getEntriesByType('navigation')[0].domContentLoadedEventEnd})""")
+        marks = tab.evaluate(MARKS)
         say(f"  load {i + 1}: first 24 h chart drawn at {marks['first']:.0f} ms, all {marks['charts']} "
             f"metrics' histories in at {marks['loaded']:.0f} ms (DOMContentLoaded {marks['dcl']:.0f} ms)")
+        say("    before it: " + ", ".join(f"{c['path']} {c['start']}-{c['end']}" for c in marks["calls"]))
         out.append(marks)
         tab.close()
     context.close()

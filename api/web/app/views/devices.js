@@ -8,9 +8,11 @@ const PAGE = 1000;
 const MAX_DEVICES = 5000; // beyond this the list asks for a search instead (keyset pages of 1000)
 const LATEST_AT_ONCE = 6;
 const SHOWN_VALUES = 4;
+const RELOAD_MS = 5000;
 
 export function renderDevices(ctx) {
   const devices = new Map(); // slug -> {device, latest: Map(metric -> {value, text, time})}
+  let lastReload = Date.now();
   const rows = new Map(); // slug -> <li>
   const list = h("ul", { class: "devices", "aria-label": "Devices" });
   const status = h("div");
@@ -141,7 +143,12 @@ export function renderDevices(ctx) {
     ctx.stream.subscribe("+/telemetry", (f) => {
       const d = devices.get(f.device);
       if (!d) {
-        load(); // a device created since: reload the list
+        // A device created since (or beyond the first MAX_DEVICES): reread the list, at most
+        // once per RELOAD_MS however many such messages arrive.
+        if (devices.size < MAX_DEVICES && Date.now() - lastReload > RELOAD_MS) {
+          lastReload = Date.now();
+          load();
+        }
         return;
       }
       d.device.last_seen_at = new Date(f.received_at).toISOString();
