@@ -8,8 +8,8 @@ organization route, so ``check_routes`` has nothing to say about it.
 
 The page gets a strict Content-Security-Policy: scripts, styles and images only from this
 origin, no inline script or style attribute, no ``eval``; connections to this origin and its
-WebSocket twin (``ws://`` or ``wss://`` of the same host: CSP level 2 browsers do not count
-it as ``'self'``). Device data never reaches the page as HTML (the scripts build text nodes),
+WebSocket twins (``ws://`` and ``wss://`` of the same host: CSP level 2 browsers do not count
+them as ``'self'``). Device data never reaches the page as HTML (the scripts build text nodes),
 so even a hostile device name has nothing to run; the policy is the second wall.
 
 The role matrix the page uses to hide what a role may not do is the API's own
@@ -41,11 +41,13 @@ _MATRIX_SLOT = "{{PERMISSIONS}}"
 _HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
 
 
-def content_security_policy(scheme: str, host: str) -> str:
-    """The page's policy for a request that reached us as ``scheme://host``."""
+def content_security_policy(host: str) -> str:
+    """The page's policy for a request that named ``host`` (its Host header)."""
     connect = "'self'"
     if _HOST.fullmatch(host):
-        connect += f" {'wss' if scheme == 'https' else 'ws'}://{host}"
+        # Both: behind a proxy that ends TLS the API sees http while the page speaks wss
+        # (a browser never lets an https page use plain ws: anyway, mixed content).
+        connect += f" ws://{host} wss://{host}"
     return ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             f"connect-src {connect}; font-src 'self'; manifest-src 'self'; base-uri 'none'; "
             "form-action 'self'; frame-ancestors 'none'")
@@ -73,7 +75,7 @@ def _page() -> bytes:
 async def dashboard(request: Request[Any, Any, Any]) -> Response[bytes]:
     """The dashboard page (public: it holds no data; it signs in like any other client)."""
     host = request.headers.get("host", "")
-    headers = {**SECURITY_HEADERS, "Content-Security-Policy": content_security_policy(request.url.scheme, host),
+    headers = {**SECURITY_HEADERS, "Content-Security-Policy": content_security_policy(host),
                "Cache-Control": "no-cache"}
     return Response(_page(), headers=headers, media_type="text/html; charset=utf-8")
 

@@ -322,7 +322,11 @@ def test_hostile_names_and_payload_strings_render_as_text(org: Org, api: ApiProc
     page_answer = httpx.get(api.url + "/", timeout=10)
     csp = page_answer.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe" not in csp and "default-src 'none'" in csp, csp
-    assert re.search(r"connect-src 'self' ws://127\.0\.0\.1:\d+;", csp), csp
+    assert re.search(r"connect-src 'self' ws://127\.0\.0\.1:(\d+) wss://127\.0\.0\.1:\1;", csp), csp
+    # A Host header that is not a plain host[:port] never reaches the policy.
+    forged = httpx.get(api.url + "/", headers={"Host": "x'*"}, timeout=10)
+    assert forged.status_code == 200, forged.status_code
+    assert "connect-src 'self'; " in forged.headers["content-security-policy"]
     assert page_answer.headers["x-content-type-options"] == "nosniff"
     assert not re.search(r"<script(?![^>]*(src=|type=\"application/json\"))", page_answer.text)
 
