@@ -69,6 +69,15 @@ def quiet(ws: ClientConnection, seconds: float = 0.5) -> list[dict[str, Any]]:
     return out
 
 
+def small_window(api: ApiProcess) -> socket.socket:
+    """A connected socket whose kernel buffers little: a client that stops reading it soon
+    stalls the server's sends (unlike loopback's default, which holds megabytes)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+    return sock
+
+
 def token_of(user: User) -> str:
     return str(user.client.headers["Authorization"].split(" ", 1)[1])
 
@@ -227,9 +236,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_no_one_else_waits(quick_api:
         received_before = bridge.metric("lms_bridge_messages_received_total")
         # The slow one: its library stops reading the socket once 4 frames wait unread, and its
         # kernel buffers little, so the server's sends soon stall.
-        tiny = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tiny.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tiny.connect(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+        tiny = small_window(api)
         with open_stream(api, unique, org.token, max_queue=4, sock=tiny) as slow, \
                 open_stream(api, unique, org.token, max_queue=None) as fast:  # takes all it can
             assert request(slow, type="subscribe", filter="+/telemetry")["type"] == "subscribed"
@@ -362,9 +369,7 @@ def test_drop_oldest_tells_the_client_how_many_it_lost(quick_api: ApiProcess, st
     org = Org(api, stack, unique)
     try:
         dev = org.device("busy")
-        tiny = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tiny.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tiny.connect(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+        tiny = small_window(api)
         with open_stream(api, unique, org.token, query="overflow=drop", max_queue=4, sock=tiny) as ws:
             assert request(ws, type="subscribe", filter="+/telemetry")["type"] == "subscribed"
             padding = os.urandom(4000).hex()
