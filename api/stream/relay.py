@@ -50,7 +50,7 @@ def kind_of(rest: str) -> str:
     return "/".join(parts)
 
 
-def message_frame(topic: str, prefix_len: int, payload: bytes, received_at: float) -> str:
+def message_frame(topic: str, prefix_len: int, payload: bytes | bytearray, received_at: float) -> str:
     """One message as the frame every watcher gets. ``payload`` is the device's JSON as is
     (checked, not re-encoded), else ``payload_text`` (UTF-8) or ``payload_base64``."""
     relative = topic[prefix_len:]

@@ -113,7 +113,7 @@ class StreamController(Controller):
                 client.end(1000, "closed by the client")
                 return
             text = message.get("text")
-            if text is None:
+            if not isinstance(text, str):
                 client.send_control({"type": "error", "message": "frames are JSON text, not binary"})
                 continue
             await self._handle(text, socket, client, relay, access)
