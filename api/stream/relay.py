@@ -50,7 +50,7 @@ def kind_of(rest: str) -> str:
     return "/".join(parts)
 
 
-def message_frame(topic: str, prefix_len: int, payload: bytes, received_at: float) -> str:
+def message_frame(topic: str, prefix_len: int, payload: bytes | bytearray, received_at: float) -> str:
     """One message as the frame every watcher gets. ``payload`` is the device's JSON as is
     (checked, not re-encoded), else ``payload_text`` (UTF-8) or ``payload_base64``."""
     relative = topic[prefix_len:]
@@ -78,7 +78,9 @@ class StreamClient:
         self.prefix = f"{relay.root}/{org}/"
         self.drop_oldest = drop_oldest
         self.limit = relay.queue_frames
+        self.limit_chars = relay.queue_chars
         self.queue: collections.deque[str] = collections.deque()
+        self.queued_chars = 0  # of the frames in the queue: frames alone do not bound memory
         self.filters: dict[str, str] = {}  # relative -> absolute
         self.ready = asyncio.Event()       # frames queued, or the client must end
         self.dropped = 0
@@ -90,17 +92,30 @@ class StreamClient:
         """Queue a frame without ever waiting (called from the relay's message callback)."""
         if self.end_code is not None:
             return
-        if len(self.queue) >= self.limit:
+        # A frame too large for the queue alone still goes to a client that has nothing waiting.
+        while self.queue and (len(self.queue) >= self.limit or self.queued_chars + len(frame) > self.limit_chars):
             if not self.drop_oldest:
                 self.relay.metrics.ws_slow.inc()
-                self.end(CLOSE_TOO_SLOW, f"too slow: {self.limit} frames waiting; read faster or connect "
-                                         "with ?overflow=drop")
+                self.end(CLOSE_TOO_SLOW, f"too slow: {len(self.queue)} frames ({self.queued_chars} characters) "
+                                         "waiting; read faster or connect with ?overflow=drop")
                 return
-            self.queue.popleft()
+            self.queued_chars -= len(self.queue.popleft())
             self.dropped += 1
             self.relay.metrics.ws_dropped.inc()
+        self._append(frame)
+
+    def _append(self, frame: str) -> None:
         self.queue.append(frame)
+        self.queued_chars += len(frame)
         self.ready.set()
+
+    def take(self) -> str | None:
+        """The next frame to send, or None when none waits."""
+        if not self.queue:
+            return None
+        frame = self.queue.popleft()
+        self.queued_chars -= len(frame)
+        return frame
 
     def send_control(self, frame: dict[str, Any]) -> None:
         """Queue a frame of the protocol (answers, gaps): never dropped, but bounded too — a
@@ -111,8 +126,7 @@ class StreamClient:
             self.relay.metrics.ws_slow.inc()
             self.end(CLOSE_TOO_SLOW, "too slow: the answers to its own requests are not read")
             return
-        self.queue.append(_encode(frame).decode())
-        self.ready.set()
+        self._append(_encode(frame).decode())
 
     def end(self, code: int, reason: str) -> None:
         if self.end_code is None:
@@ -128,6 +142,7 @@ class Relay:
         self.root = settings.topic_root
         api = settings.api
         self.queue_frames = api.ws_queue_frames
+        self.queue_chars = api.ws_queue_bytes
         self.max_clients = api.ws_max_clients
         self.max_per_user = api.ws_max_per_user
         self.max_filters = api.ws_max_filters
