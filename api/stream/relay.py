@@ -154,6 +154,8 @@ class Relay:
         self._lock = asyncio.Lock()
         self._lost_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: absolute filter -> the broker's answer to its first subscription, while awaited
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
 
     # -- clients ---------------------------------------------------------------------
 
@@ -180,7 +182,8 @@ class Relay:
         self.metrics.ws_clients.set(len(self.clients))
 
     async def subscribe(self, client: StreamClient, relative: str) -> None:
-        """Raises BrokerError when the broker cannot be reached or refuses; nothing changes then."""
+        """Returns once the broker holds the filter; raises BrokerError when the broker cannot
+        be reached or refuses it (nothing changes for this client then)."""
         if relative in client.filters:
             return
         if len(client.filters) >= self.max_filters:
@@ -191,14 +194,29 @@ class Relay:
         self.trie.add(absolute, client)
         n = self.refs.get(absolute, 0)
         self.refs[absolute] = n + 1
+        pending = self._subscribing.get(absolute)
         if n == 0:
             self.metrics.ws_broker_filters.set(len(self.refs))
             if mqtt.connected:  # else the next connection subscribes to every held filter
+                # Whoever joins the filter while the broker has not answered waits for the same
+                # answer, and shares its outcome (a refusal fails them all).
+                pending = asyncio.get_running_loop().create_future()
+                self._subscribing[absolute] = pending
                 try:
                     await mqtt.subscribe([absolute], qos=0)
-                except BrokerError:
-                    await self.unsubscribe(client, relative, broker=False)
-                    raise
+                except BrokerError as exc:
+                    pending.set_exception(exc)
+                    pending.exception()  # retrieved: the joiners may be none
+                else:
+                    pending.set_result(None)
+                finally:
+                    self._subscribing.pop(absolute, None)
+        if pending is not None:
+            try:
+                await asyncio.shield(pending)
+            except BrokerError:
+                await self.unsubscribe(client, relative, broker=False)
+                raise
 
     async def unsubscribe(self, client: StreamClient, relative: str, *, broker: bool = True) -> bool:
         absolute = client.filters.pop(relative, None)
@@ -261,22 +279,41 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
 
     async def _restore(self, lost: float) -> None:
-        """After a reconnect: every held filter again, then tell every client what it missed."""
-        filters = list(self.refs)
+        """After a reconnect: every held filter again (retried while the connection lasts),
+        then tell every client what it missed."""
         mqtt = self._mqtt
-        if filters and mqtt is not None:
+        delay = 1.0
+        while mqtt is not None and mqtt.connected:
             try:
-                for i in range(0, len(filters), 100):
-                    await mqtt.subscribe(filters[i:i + 100], qos=0)
+                await self._resubscribe(mqtt)
+                break
             except BrokerError as exc:
-                log.warning("could not restore the stream subscriptions (%s); the next connection tries again", exc)
-                return
+                log.warning("could not restore the stream subscriptions (%s); again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        else:
+            return  # lost again: the next connection restores
         back = time.time()
         for client in list(self.clients):
             client.send_control({"type": "gap", "from": int(lost * 1000), "to": int(back * 1000),
                                  "reason": "the API's connection to the broker was lost; fetch this span over REST"})
-        log.info("stream subscriptions restored: %d filter(s), %d client(s) told of the gap", len(filters),
+        log.info("stream subscriptions restored: %d filter(s), %d client(s) told of the gap", len(self.refs),
                  len(self.clients))
+
+    async def _resubscribe(self, mqtt: AsyncMqttClient) -> None:
+        """Subscribe to the filters held now, in batches; a filter its last client left while
+        a batch was on its way (its UNSUBSCRIBE may have gone first) is unsubscribed after."""
+        sent: set[str] = set()
+        while True:
+            todo = [f for f in self.refs if f not in sent]
+            if not todo:
+                break
+            batch = todo[:100]
+            await mqtt.subscribe(batch, qos=0)
+            sent.update(batch)
+        stale = [f for f in sent if f not in self.refs]
+        if stale:
+            await mqtt.unsubscribe(stale, timeout=5)
 
     async def close(self) -> None:
         for client in list(self.clients):
