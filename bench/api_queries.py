@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import collections
 import json
-import math
 import os
 import platform
 import re
@@ -57,7 +56,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from bench.common import CLK_TCK, BenchError, box_cpu, proc_cpu, say, tree_cpu
+from bench.common import CLK_TCK, BenchError, box_cpu, pct, proc_cpu, say, tree_cpu
 from lms_cli.localstack import find_pg_bin
 from tests.harness import ApiProcess, Stack
 
@@ -74,12 +73,6 @@ CHUNK_SECONDS = 50_000  # one INSERT per 50,000 s of data (500,000 main-device r
 HTTP_TIMEOUT = 60.0
 LOAD_TIMEOUT = 1800.0
 STATEMENT_TIMEOUT = 300.0
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
 
 
 def lat_summary(ms: list[float]) -> dict[str, Any]:

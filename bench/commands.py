@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import BenchError, say
+from bench.common import BenchError, durable_stack, pct, say
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,11 +62,6 @@ def server_times(log: str, marks: list[float]) -> dict[str, list[float]]:
         elif at <= marks[1] + 1:
             out["at_once"].append(rec["ms"] / 1000)
     return out
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # -- the devices (a process of their own) -----------------------------------------------
@@ -211,11 +206,8 @@ def main() -> int:
         print("bench/commands.py: need 1 <= --devices <= --fleet <= 100000", file=sys.stderr)
         return 2
 
-    from tests.harness import Postgres, Stack, free_port, new_password
-
     with tempfile.TemporaryDirectory(prefix="lms-bench-cmd-") as tmp:
-        stack = Stack(Path(tmp) / "stack")
-        stack.pg = Postgres(stack.root / "postgres", free_port(), new_password())  # durable: fsync on
+        stack = durable_stack(Path(tmp) / "stack")
         try:
             say("starting PostgreSQL, Mosquitto, bridge and API")
             stack.start()

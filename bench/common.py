@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.harness import Stack
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -54,3 +60,19 @@ def box_cpu() -> tuple[float, float]:
     total = sum(vals[:8])
     idle = vals[3] + vals[4]
     return total - idle, total
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile ``p`` (0-100) of ``values`` (not empty)."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def durable_stack(root: Path) -> Stack:
+    """The test harness's stack (not started) with PostgreSQL on its default, durable settings
+    (fsync and full_page_writes on, unlike the tests')."""
+    from tests.harness import Postgres, Stack, free_port, new_password
+
+    stack = Stack(root)
+    stack.pg = Postgres(stack.root / "postgres", free_port(), new_password())
+    return stack

@@ -44,14 +44,9 @@ from typing import Any
 
 import httpx
 
-from bench.common import BenchError, proc_cpu, say
+from bench.common import BenchError, durable_stack, pct, proc_cpu, say
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def rss_kib(pid: int) -> int:
@@ -185,12 +180,9 @@ def main() -> int:
         return 0
     counts = [int(c) for c in args.clients.split(",") if c]
 
-    from tests.harness import Postgres, Stack, free_port, new_password
-
     results: dict[str, Any] = {"args": vars(args), "load": {}}
     with tempfile.TemporaryDirectory(prefix="lms-bench-stream-") as tmp:
-        stack = Stack(Path(tmp) / "stack")
-        stack.pg = Postgres(stack.root / "postgres", free_port(), new_password())  # durable: fsync on
+        stack = durable_stack(Path(tmp) / "stack")
         try:
             say("starting PostgreSQL, Mosquitto, bridge and API")
             stack.start()

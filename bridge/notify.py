@@ -28,6 +28,7 @@ anywhere, past the address check). The webhook row shows whether it is failing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -62,6 +63,8 @@ MAX_ERROR_CHARS = 300
 class Claimed:
     id: int
     webhook_id: int
+    org_id: int
+    failing: bool  # the webhook's last attempt failed
     url: str
     secret: str
     body: str
@@ -85,6 +88,12 @@ class Notifier:
         self.pool = pool
         self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
         self.in_flight: set[int] = set()  # webhook ids
+        #: Slots in use per organization, and by webhooks whose last attempt failed. Neither may
+        #: take more than half the slots: one organization's dead receivers (each attempt the
+        #: whole time-out) must not make every other organization's deliveries wait behind them.
+        self.org_slots: collections.Counter[int] = collections.Counter()
+        self.failing_slots = 0
+        self.share = max(1, settings.webhook_concurrency // 2)
         self._wake = asyncio.Event()
         self.attempts = Counter("lms_bridge_webhook_attempts", "Webhook attempts, by outcome (delivered, failed)",
                                 ["outcome"], registry=registry)
@@ -117,6 +126,8 @@ class Notifier:
                         continue
                 for c in claimed:
                     self.in_flight.add(c.webhook_id)
+                    self.org_slots[c.org_id] += 1
+                    self.failing_slots += c.failing
                     tasks.create_task(self._deliver(client, c), name=f"webhook delivery {c.id}")
                 if not claimed:
                     await self._sleep(POLL_S)
@@ -134,27 +145,47 @@ class Notifier:
 
     async def _claim(self, free: int) -> list[Claimed]:
         """Up to ``free`` due deliveries, at most one per webhook and none of a webhook with
-        one in flight here, leased to this sender."""
+        one in flight here, leased to this sender. Healthy webhooks first; an organization,
+        and failing webhooks together, get at most half the slots (``share``)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # The oldest due delivery of each webhook (an index per webhook: the cost follows
+            # the number of webhooks, not the backlog), then a choice here, then the lock.
             due = await conn.fetch(
-                """SELECT d.id, d.webhook_id FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-                   WHERE d.state = 'pending' AND d.next_attempt_at <= now() AND w.enabled
-                     AND NOT (d.webhook_id = ANY ($1::bigint[]))
-                   ORDER BY d.next_attempt_at LIMIT $2 FOR UPDATE OF d SKIP LOCKED""",
-                list(self.in_flight), free * 4)
-            ids: dict[int, int] = {}  # webhook -> delivery
+                """SELECT d.id, w.id AS webhook_id, w.org_id, w.consecutive_failures > 0 AS failing
+                   FROM webhooks w CROSS JOIN LATERAL (
+                       SELECT id, next_attempt_at FROM webhook_deliveries
+                       WHERE webhook_id = w.id AND state = 'pending' AND next_attempt_at <= now()
+                       ORDER BY next_attempt_at LIMIT 1) d
+                   WHERE w.enabled AND NOT (w.id = ANY ($1::bigint[]))
+                   ORDER BY w.consecutive_failures > 0, d.next_attempt_at""",
+                list(self.in_flight))
+            chosen: dict[int, int] = {}  # webhook -> delivery
+            orgs = collections.Counter(self.org_slots)
+            failing = self.failing_slots
             for r in due:
-                if len(ids) < free:
-                    ids.setdefault(r["webhook_id"], r["id"])
+                if len(chosen) >= free:
+                    break
+                if orgs[r["org_id"]] >= self.share or (r["failing"] and failing >= self.share):
+                    continue
+                chosen[r["webhook_id"]] = r["id"]
+                orgs[r["org_id"]] += 1
+                failing += r["failing"]
+            # Another bridge may have taken some meanwhile: those are skipped, not waited for.
+            locked = await conn.fetch(
+                """SELECT id, webhook_id FROM webhook_deliveries
+                   WHERE id = ANY ($1::bigint[]) AND state = 'pending' AND next_attempt_at <= now()
+                   FOR UPDATE SKIP LOCKED""", list(chosen.values()))
+            ids = {r["webhook_id"]: r["id"] for r in locked}
             if not ids:
                 return []
             rows = await conn.fetch(
                 """UPDATE webhook_deliveries d SET next_attempt_at = now() + $2 * interval '1 second'
                    FROM webhooks w WHERE d.id = ANY ($1::bigint[]) AND w.id = d.webhook_id
-                   RETURNING d.id, d.webhook_id, d.body, d.next_attempt_at, w.url, w.secret""",
+                   RETURNING d.id, d.webhook_id, w.org_id, w.consecutive_failures > 0 AS failing, d.body,
+                             d.next_attempt_at, w.url, w.secret""",
                 list(ids.values()), self.lease_s)
-        return [Claimed(id=r["id"], webhook_id=r["webhook_id"], url=r["url"], secret=r["secret"], body=r["body"],
-                        lease=r["next_attempt_at"]) for r in rows]
+        return [Claimed(id=r["id"], webhook_id=r["webhook_id"], org_id=r["org_id"], failing=r["failing"], url=r["url"],
+                        secret=r["secret"], body=r["body"], lease=r["next_attempt_at"]) for r in rows]
 
     async def _deliver(self, client: httpx.AsyncClient, c: Claimed) -> None:
         try:
@@ -168,6 +199,10 @@ class Notifier:
                 log.warning("webhook sender could not record attempt of delivery %d: %s", c.id, db.translate(exc))
         finally:
             self.in_flight.discard(c.webhook_id)
+            self.org_slots[c.org_id] -= 1
+            if self.org_slots[c.org_id] <= 0:
+                del self.org_slots[c.org_id]
+            self.failing_slots -= c.failing
             self._wake.set()
 
     async def attempt(self, client: httpx.AsyncClient, c: Claimed) -> Outcome:

@@ -261,6 +261,12 @@ class ApiSettings(msgspec.Struct, frozen=True):
     ws_queue_frames: Annotated[int, setting(
         "LMS_API_WS_QUEUE_FRAMES", "frames a stream client may have waiting before it is disconnected as too slow "
         "(or, with ?overflow=drop, loses its oldest)", ge=10, le=100_000)] = 1000
+    # Frames alone do not bound memory: a message may be as large as the broker takes (260 KiB
+    # in mosquitto.conf), so 1000 of them unread were 260 MB per stream. 4 MiB holds 1000 frames
+    # of 4 KiB (a dashboard's burst); one user's streams then hold at most 20 x 4 MiB.
+    ws_queue_bytes: Annotated[int, setting(
+        "LMS_API_WS_QUEUE_BYTES", "characters of frames a stream client may have waiting (with "
+        "LMS_API_WS_QUEUE_FRAMES, whichever is reached first)", ge=65_536, le=1 << 30)] = 4 << 20
     ws_max_clients: Annotated[int, setting(
         "LMS_API_WS_MAX_CLIENTS", "WebSocket streams one API process serves at once", ge=1, le=100_000)] = 5000
     ws_max_per_user: Annotated[int, setting(

@@ -157,3 +157,6 @@ CREATE TRIGGER devices_scope_changed AFTER INSERT OR DELETE OR UPDATE OF tags ON
 CREATE INDEX rule_state_firing ON rule_state (rule_id, device_id) WHERE alert_id IS NOT NULL;
 -- The offline sweep reads the offline devices of an organization, not all of them.
 CREATE INDEX devices_offline ON devices (org_id, status_changed_at) WHERE status = 'offline';
+
+-- The webhook sender looks at the oldest due delivery of each webhook (bridge/notify.py).
+CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (webhook_id, next_attempt_at) WHERE state = 'pending';

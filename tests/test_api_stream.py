@@ -69,6 +69,15 @@ def quiet(ws: ClientConnection, seconds: float = 0.5) -> list[dict[str, Any]]:
     return out
 
 
+def small_window(api: ApiProcess) -> socket.socket:
+    """A connected socket whose kernel buffers little: a client that stops reading it soon
+    stalls the server's sends (unlike loopback's default, which holds megabytes)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+    return sock
+
+
 def token_of(user: User) -> str:
     return str(user.client.headers["Authorization"].split(" ", 1)[1])
 
@@ -227,9 +236,7 @@ def test_a_client_that_stops_reading_is_cut_off_and_no_one_else_waits(quick_api:
         received_before = bridge.metric("lms_bridge_messages_received_total")
         # The slow one: its library stops reading the socket once 4 frames wait unread, and its
         # kernel buffers little, so the server's sends soon stall.
-        tiny = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tiny.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        tiny.connect(("127.0.0.1", int(api.url.rsplit(":", 1)[1])))
+        tiny = small_window(api)
         with open_stream(api, unique, org.token, max_queue=4, sock=tiny) as slow, \
                 open_stream(api, unique, org.token, max_queue=None) as fast:  # takes all it can
             assert request(slow, type="subscribe", filter="+/telemetry")["type"] == "subscribed"
@@ -326,3 +333,79 @@ def test_fuzzed_frames_get_errors_or_a_close_and_the_api_lives_on(api: ApiProces
             assert request(ws, type="ping")["type"] == "pong"
     finally:
         org.close()
+
+
+def test_api_keys_stream_and_a_revoked_key_is_closed(quick_api: ApiProcess, stack: Stack, unique: str) -> None:
+    api = quick_api
+    org = Org(api, stack, unique)
+    try:
+        r = org.owner.call("POST", f"/api/v1/orgs/{unique}/api-keys", {"name": "screen", "role": "viewer"})
+        key = r.json()["key"]
+        url = ws_url(api, unique)
+        with connect(url, additional_headers={"X-API-Key": key}, open_timeout=10) as ws:
+            assert json.loads(ws.recv(10))["type"] == "welcome"
+            assert request(ws, type="subscribe", filter="+/status")["type"] == "subscribed"
+            key_id = org.owner.call("GET", f"/api/v1/orgs/{unique}/api-keys").json()[0]["id"]
+            assert org.owner.call("DELETE", f"/api/v1/orgs/{unique}/api-keys/{key_id}").status_code == 204
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.recv(10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001, closed.value
+        refused(url, additional_headers={"X-API-Key": key})
+        # Another organization's key never opens this one's stream.
+        other = Org(api, stack, f"{unique}-k")
+        try:
+            k2 = other.owner.call("POST", f"/api/v1/orgs/{other.slug}/api-keys", {"name": "x"}).json()["key"]
+            refused(url, additional_headers={"X-API-Key": k2})
+        finally:
+            other.close()
+    finally:
+        org.close()
+
+
+def test_drop_oldest_tells_the_client_how_many_it_lost(quick_api: ApiProcess, stack: Stack, unique: str) -> None:
+    """With ?overflow=drop a client that falls behind keeps its connection and is told."""
+    api = quick_api
+    org = Org(api, stack, unique)
+    try:
+        dev = org.device("busy")
+        tiny = small_window(api)
+        with open_stream(api, unique, org.token, query="overflow=drop", max_queue=4, sock=tiny) as ws:
+            assert request(ws, type="subscribe", filter="+/telemetry")["type"] == "subscribed"
+            padding = os.urandom(4000).hex()
+            n = 2000
+            dev.publish_many([json.dumps({"seq": i, "pad": padding}).encode() for i in range(n)])
+            wait_until(lambda: api_metric(api, "lms_api_ws_frames_dropped_total") > 0, 20, "frames to be dropped")
+            seen, dropped = [], 0
+            deadline = time.monotonic() + 60
+            while len(seen) + dropped < n and time.monotonic() < deadline:
+                frame = json.loads(ws.recv(10))
+                if frame["type"] == "dropped":
+                    dropped += frame["count"]
+                elif frame["type"] == "message":
+                    seen.append(frame["payload"]["seq"])
+            assert dropped > 0 and len(seen) + dropped == n, (len(seen), dropped)
+            assert seen == sorted(seen)  # what arrives keeps its order; the oldest went
+        assert api_metric(api, "lms_api_ws_slow_disconnects_total") == 0
+    finally:
+        org.close()
+
+
+def test_a_user_cannot_hold_more_than_its_share_of_streams(stack: Stack, unique: str) -> None:
+    api = stack.start_api(LMS_API_WS_MAX_PER_USER="2")
+    org = Org(api, stack, unique)
+    try:
+        with open_stream(api, unique, org.token), open_stream(api, unique, org.token):
+            with connect(ws_url(api, unique), additional_headers={"Authorization": f"Bearer {org.token}"},
+                         open_timeout=10) as third, pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    third.recv(10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4029, closed.value
+        # The slots come back when streams close.
+        wait_until(lambda: api_metric(api, "lms_api_ws_clients") == 0, 10, "the streams to be closed")
+        with open_stream(api, unique, org.token), open_stream(api, unique, org.token):
+            pass
+    finally:
+        org.close()
+        api.stop()
+        stack.apis.remove(api)

@@ -11,6 +11,7 @@ import msgspec
 from msgspec import Meta
 
 from api.services.devices import COLUMNS, Device, device_from_row, properties_json
+from api.services.errors import Conflict
 from lms_core.errors import AlreadyExists, NotFound
 from lms_core.settings import Settings
 from lms_core.topics import SLUG_PATTERN, TopicScheme
@@ -74,8 +75,25 @@ class AssetService:
         return (await self.list_assets(access, data.slug))[0]
 
     async def delete(self, access: OrgAccess, asset: str) -> None:
-        """Delete the asset; its devices stay, detached."""
-        await self.pool.execute("DELETE FROM assets WHERE id = $1", await self._asset_id(access, asset))
+        """Delete the asset; its devices stay, detached. Refused (409) while alert rules watch
+        it: the database would delete them with it (``ON DELETE CASCADE``) without resolving
+        their firing alerts, which nothing would ever resolve then. Deleting a rule resolves them
+        (api/services/rules.py)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # The row lock makes a rule created meanwhile either counted here or refused by its
+            # foreign key once the asset is gone.
+            asset_id = await conn.fetchval("SELECT id FROM assets WHERE org_id = $1 AND slug = $2 FOR UPDATE",
+                                           access.org_id, asset)
+            if asset_id is None:
+                raise NotFound(f"asset {asset!r} not found")
+            rules = await conn.fetch("SELECT id, name FROM alert_rules WHERE scope_asset_id = $1 ORDER BY id LIMIT 11",
+                                     asset_id)
+            if rules:
+                named = ", ".join(f"{r['id']} ({r['name'][:40]!r})" for r in rules[:10])
+                more = ", ..." if len(rules) > 10 else ""
+                raise Conflict(f"asset {asset!r} is the scope of alert rule(s) {named}{more}: change their scope "
+                               f"or delete them first")
+            await conn.execute("DELETE FROM assets WHERE id = $1", asset_id)
 
     async def devices(self, access: OrgAccess, asset: str) -> list[Device]:
         asset_id = await self._asset_id(access, asset)

@@ -30,7 +30,7 @@ import msgspec
 from msgspec import Meta
 
 from api.services.audit import Audit
-from api.services.devices import Slug, Tag
+from api.services.devices import Slug, Tag, device_id
 from api.services.errors import CommandNotSent, Conflict
 from api.services.publisher import Publisher
 from api.services.waiter import CommandWaiter
@@ -152,12 +152,6 @@ class CommandService:
                        error=r["error"], group_id=r["group_id"],
                        topic=f"{self.topics.device_prefix(org, r['device'])}/commands/{r['id']}")
 
-    async def _device_id(self, conn: asyncpg.Connection | asyncpg.Pool, access: OrgAccess, device: str) -> int:
-        dev_id = await conn.fetchval("SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
-        if dev_id is None:
-            raise NotFound(f"device {device!r} not found")
-        return int(dev_id)
-
     # -- one device ----------------------------------------------------------------
 
     async def send(self, access: OrgAccess, device: str, data: CommandCreate, audit: Audit,
@@ -256,7 +250,7 @@ class CommandService:
                             before: int | None) -> list[Command]:
         """Newest first; continue with ``before`` = the last id of a page."""
         async with self.pool.acquire() as conn:
-            dev_id = await self._device_id(conn, access, device)
+            dev_id = await device_id(conn, access.org_id, device)
             await conn.execute(_EXPIRE.format(where="device_id = $1"), dev_id)
             rows = await conn.fetch(
                 f"""SELECT {_COLUMNS} FROM commands c JOIN devices d ON d.id = c.device_id
@@ -269,7 +263,7 @@ class CommandService:
         """Cancel an open command. The device may still have it (a published message cannot
         be taken back); a later result is recorded, the outcome stays ``cancelled``."""
         async with self.pool.acquire() as conn, conn.transaction():
-            dev_id = await self._device_id(conn, access, device)
+            dev_id = await device_id(conn, access.org_id, device)
             await conn.execute(_EXPIRE.format(where="id = $1"), command_id)
             state = await conn.fetchval(
                 "SELECT state FROM commands WHERE id = $1 AND device_id = $2 FOR UPDATE", command_id, dev_id)

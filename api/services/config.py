@@ -22,6 +22,7 @@ import asyncpg
 import msgspec
 
 from api.services.audit import Audit
+from api.services.devices import device_id
 from api.services.publisher import Publisher
 from lms_core.commands import config_payload
 from lms_core.errors import BrokerUnavailable, DeliveryUnknown, InvalidInput, NotFound
@@ -108,14 +109,8 @@ class ConfigService:
             raise InvalidInput("the desired configuration may not contain NUL characters")
         return text
 
-    async def _device(self, conn: asyncpg.Connection | asyncpg.Pool, access: OrgAccess, device: str) -> int:
-        dev_id = await conn.fetchval("SELECT id FROM devices WHERE org_id = $1 AND slug = $2", access.org_id, device)
-        if dev_id is None:
-            raise NotFound(f"device {device!r} not found")
-        return int(dev_id)
-
     async def get(self, access: OrgAccess, device: str) -> DeviceConfig:
-        return await self._read(self.pool, access, device, await self._device(self.pool, access, device))
+        return await self._read(self.pool, access, device, await device_id(self.pool, access.org_id, device))
 
     async def _read(self, conn: asyncpg.Connection | asyncpg.Pool, access: OrgAccess, device: str,
                     dev_id: int) -> DeviceConfig:
@@ -149,7 +144,7 @@ class ConfigService:
         topic = f"{self.topics.device_prefix(access.slug, device)}/config"
         unknown: DeliveryUnknown | None = None
         async with self.pool.acquire() as conn, conn.transaction():
-            dev_id = await self._device(conn, access, device)
+            dev_id = await device_id(conn, access.org_id, device)
             await conn.execute("INSERT INTO device_config (device_id) VALUES ($1) ON CONFLICT DO NOTHING", dev_id)
             r = await conn.fetchrow(
                 "SELECT desired, desired_version FROM device_config WHERE device_id = $1 FOR UPDATE", dev_id)

@@ -78,6 +78,14 @@ def properties_json(props: dict[str, Any]) -> str:
     return text
 
 
+async def device_id(conn: asyncpg.Connection | asyncpg.Pool, org_id: int, device: str) -> int:
+    """The id of device ``device`` of organization ``org_id``; NotFound (404) if there is none."""
+    dev_id = await conn.fetchval("SELECT id FROM devices WHERE org_id = $1 AND slug = $2", org_id, device)
+    if dev_id is None:
+        raise NotFound(f"device {device!r} not found")
+    return int(dev_id)
+
+
 class DeviceService:
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self.pool = pool

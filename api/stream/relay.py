@@ -50,7 +50,7 @@ def kind_of(rest: str) -> str:
     return "/".join(parts)
 
 
-def message_frame(topic: str, prefix_len: int, payload: bytes, received_at: float) -> str:
+def message_frame(topic: str, prefix_len: int, payload: bytes | bytearray, received_at: float) -> str:
     """One message as the frame every watcher gets. ``payload`` is the device's JSON as is
     (checked, not re-encoded), else ``payload_text`` (UTF-8) or ``payload_base64``."""
     relative = topic[prefix_len:]
@@ -78,7 +78,9 @@ class StreamClient:
         self.prefix = f"{relay.root}/{org}/"
         self.drop_oldest = drop_oldest
         self.limit = relay.queue_frames
+        self.limit_chars = relay.queue_chars
         self.queue: collections.deque[str] = collections.deque()
+        self.queued_chars = 0  # of the frames in the queue: frames alone do not bound memory
         self.filters: dict[str, str] = {}  # relative -> absolute
         self.ready = asyncio.Event()       # frames queued, or the client must end
         self.dropped = 0
@@ -90,17 +92,30 @@ class StreamClient:
         """Queue a frame without ever waiting (called from the relay's message callback)."""
         if self.end_code is not None:
             return
-        if len(self.queue) >= self.limit:
+        # A frame too large for the queue alone still goes to a client that has nothing waiting.
+        while self.queue and (len(self.queue) >= self.limit or self.queued_chars + len(frame) > self.limit_chars):
             if not self.drop_oldest:
                 self.relay.metrics.ws_slow.inc()
-                self.end(CLOSE_TOO_SLOW, f"too slow: {self.limit} frames waiting; read faster or connect "
-                                         "with ?overflow=drop")
+                self.end(CLOSE_TOO_SLOW, f"too slow: {len(self.queue)} frames ({self.queued_chars} characters) "
+                                         "waiting; read faster or connect with ?overflow=drop")
                 return
-            self.queue.popleft()
+            self.queued_chars -= len(self.queue.popleft())
             self.dropped += 1
             self.relay.metrics.ws_dropped.inc()
+        self._append(frame)
+
+    def _append(self, frame: str) -> None:
         self.queue.append(frame)
+        self.queued_chars += len(frame)
         self.ready.set()
+
+    def take(self) -> str | None:
+        """The next frame to send, or None when none waits."""
+        if not self.queue:
+            return None
+        frame = self.queue.popleft()
+        self.queued_chars -= len(frame)
+        return frame
 
     def send_control(self, frame: dict[str, Any]) -> None:
         """Queue a frame of the protocol (answers, gaps): never dropped, but bounded too — a
@@ -111,8 +126,7 @@ class StreamClient:
             self.relay.metrics.ws_slow.inc()
             self.end(CLOSE_TOO_SLOW, "too slow: the answers to its own requests are not read")
             return
-        self.queue.append(_encode(frame).decode())
-        self.ready.set()
+        self._append(_encode(frame).decode())
 
     def end(self, code: int, reason: str) -> None:
         if self.end_code is None:
@@ -128,6 +142,7 @@ class Relay:
         self.root = settings.topic_root
         api = settings.api
         self.queue_frames = api.ws_queue_frames
+        self.queue_chars = api.ws_queue_bytes
         self.max_clients = api.ws_max_clients
         self.max_per_user = api.ws_max_per_user
         self.max_filters = api.ws_max_filters
@@ -139,6 +154,8 @@ class Relay:
         self._lock = asyncio.Lock()
         self._lost_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: absolute filter -> the broker's answer to its first subscription, while awaited
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
 
     # -- clients ---------------------------------------------------------------------
 
@@ -165,7 +182,8 @@ class Relay:
         self.metrics.ws_clients.set(len(self.clients))
 
     async def subscribe(self, client: StreamClient, relative: str) -> None:
-        """Raises BrokerError when the broker cannot be reached or refuses; nothing changes then."""
+        """Returns once the broker holds the filter; raises BrokerError when the broker cannot
+        be reached or refuses it (nothing changes for this client then)."""
         if relative in client.filters:
             return
         if len(client.filters) >= self.max_filters:
@@ -176,14 +194,29 @@ class Relay:
         self.trie.add(absolute, client)
         n = self.refs.get(absolute, 0)
         self.refs[absolute] = n + 1
+        pending = self._subscribing.get(absolute)
         if n == 0:
             self.metrics.ws_broker_filters.set(len(self.refs))
             if mqtt.connected:  # else the next connection subscribes to every held filter
+                # Whoever joins the filter while the broker has not answered waits for the same
+                # answer, and shares its outcome (a refusal fails them all).
+                pending = asyncio.get_running_loop().create_future()
+                self._subscribing[absolute] = pending
                 try:
                     await mqtt.subscribe([absolute], qos=0)
-                except BrokerError:
-                    await self.unsubscribe(client, relative, broker=False)
-                    raise
+                except BrokerError as exc:
+                    pending.set_exception(exc)
+                    pending.exception()  # retrieved: the joiners may be none
+                else:
+                    pending.set_result(None)
+                finally:
+                    self._subscribing.pop(absolute, None)
+        if pending is not None:
+            try:
+                await asyncio.shield(pending)
+            except BrokerError:
+                await self.unsubscribe(client, relative, broker=False)
+                raise
 
     async def unsubscribe(self, client: StreamClient, relative: str, *, broker: bool = True) -> bool:
         absolute = client.filters.pop(relative, None)
@@ -246,22 +279,41 @@ class Relay:
         task.add_done_callback(self._tasks.discard)
 
     async def _restore(self, lost: float) -> None:
-        """After a reconnect: every held filter again, then tell every client what it missed."""
-        filters = list(self.refs)
+        """After a reconnect: every held filter again (retried while the connection lasts),
+        then tell every client what it missed."""
         mqtt = self._mqtt
-        if filters and mqtt is not None:
+        delay = 1.0
+        while mqtt is not None and mqtt.connected:
             try:
-                for i in range(0, len(filters), 100):
-                    await mqtt.subscribe(filters[i:i + 100], qos=0)
+                await self._resubscribe(mqtt)
+                break
             except BrokerError as exc:
-                log.warning("could not restore the stream subscriptions (%s); the next connection tries again", exc)
-                return
+                log.warning("could not restore the stream subscriptions (%s); again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        else:
+            return  # lost again: the next connection restores
         back = time.time()
         for client in list(self.clients):
             client.send_control({"type": "gap", "from": int(lost * 1000), "to": int(back * 1000),
                                  "reason": "the API's connection to the broker was lost; fetch this span over REST"})
-        log.info("stream subscriptions restored: %d filter(s), %d client(s) told of the gap", len(filters),
+        log.info("stream subscriptions restored: %d filter(s), %d client(s) told of the gap", len(self.refs),
                  len(self.clients))
+
+    async def _resubscribe(self, mqtt: AsyncMqttClient) -> None:
+        """Subscribe to the filters held now, in batches; a filter its last client left while
+        a batch was on its way (its UNSUBSCRIBE may have gone first) is unsubscribed after."""
+        sent: set[str] = set()
+        while True:
+            todo = [f for f in self.refs if f not in sent]
+            if not todo:
+                break
+            batch = todo[:100]
+            await mqtt.subscribe(batch, qos=0)
+            sent.update(batch)
+        stale = [f for f in sent if f not in self.refs]
+        if stale:
+            await mqtt.unsubscribe(stale, timeout=5)
 
     async def close(self) -> None:
         for client in list(self.clients):

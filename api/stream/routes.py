@@ -113,7 +113,7 @@ class StreamController(Controller):
                 client.end(1000, "closed by the client")
                 return
             text = message.get("text")
-            if text is None:
+            if not isinstance(text, str):
                 client.send_control({"type": "error", "message": "frames are JSON text, not binary"})
                 continue
             await self._handle(text, socket, client, relay, access)
@@ -176,9 +176,10 @@ class StreamController(Controller):
                     if client.dropped:
                         count, client.dropped = client.dropped, 0
                         await socket.send_text(json.dumps({"type": "dropped", "count": count}))
-                    if not client.queue:
+                    frame = client.take()
+                    if frame is None:
                         break
-                    await socket.send_text(client.queue.popleft())
+                    await socket.send_text(frame)
                 if client.end_code is not None:
                     return
         except Exception as exc:  # the connection broke under a send
