@@ -37,6 +37,7 @@ from api.services.waiter import CommandWaiter
 from api.stream.relay import Relay
 from api.stream.routes import StreamController
 from api.technicians import TechniciansController, expiry_sweeper
+from api.web import dashboard, dashboard_files
 from api.webhooks import WebhooksController
 from lms_core import db
 from lms_core.settings import Settings
@@ -101,7 +102,7 @@ def create_app(settings: Settings) -> Litestar:
                                    ApiKeysController, AssetsController, CommandsController, CommandGroupsController,
                                    ConfigController, StreamController, RulesController, AlertsController,
                                    DeviceAlertsController, WebhooksController),
-                        health, ready, metrics],
+                        health, ready, metrics, dashboard, dashboard_files()],
         lifespan=[lifespan],
         dependencies=SERVICES,
         # Outermost first: the request id, refusing unstorable input, then who is calling.

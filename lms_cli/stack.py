@@ -312,6 +312,8 @@ Watch everything (a read-only login: subscribe only, its client id pinned):
   mosquitto_sub -p {s['mqtt_port']} -u {s['watch_user']} -P '{s['watch_password']}' -i {s['watch_user']} -t 'lms/#' -v
 Settings for other shells:  eval "$({lms} env)"
 
+Dashboard: open http://127.0.0.1:{s['api_port']}/ and sign in as {s['admin_email']}
+
 ready — Ctrl-C stops everything""", flush=True)
 
     def _supervise(self, pg: Postgres, mq: Mosquitto, env: dict[str, str]) -> None:

@@ -225,6 +225,10 @@ def test_lms_up_starts_from_nothing_and_a_second_run_reuses_the_state(tmp_path: 
         assert -1 < out.find(" org create acme\n") < out.find(" device create acme sensor-1\n"), out
         assert f"http://127.0.0.1:{api_port}" in out
         admin = json.loads((state / "stack.json").read_text())
+        # It ends with the dashboard's address, which a person opens (tests/test_dashboard.py).
+        assert f"Dashboard: open http://127.0.0.1:{api_port}/ and sign in as {admin['admin_email']}" in out
+        page = httpx.get(f"http://127.0.0.1:{api_port}/", timeout=10)
+        assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
         assert f"superuser {admin['admin_email']} / {admin['admin_password']}" in out
         login = httpx.post(f"http://127.0.0.1:{api_port}/api/v1/auth/login",
                            json={"email": admin["admin_email"], "password": admin["admin_password"]}, timeout=10)
