@@ -206,14 +206,37 @@ def _print_credentials(creds: Any, as_json: bool, verb: str) -> None:
           f"    -t '{u.topic_prefix}/telemetry' -m '{{\"temp\": 21.5}}'")
 
 
+def _write_firmware_config(creds: Any, target: str) -> None:
+    """The firmware's ``lms_config.json`` for ``creds``: on stdout (``-``) or into a new file
+    readable by its owner only (it holds the device's password)."""
+    from lms_core.firmware import firmware_config
+
+    text = json.dumps(firmware_config(creds), indent=2) + "\n"
+    if target == "-":
+        print(text, end="")
+        return
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise StackError(f"cannot write {target}: {exc.strerror}; the password was not shown - "
+                         f"`lms device rotate --firmware-config FILE` issues a new one") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    print(f"wrote {target} (mode 0600, holds the device's password): set the Wi-Fi name and password in it, "
+          "then copy it to the board as lms_config.json", file=sys.stderr)
+
+
 def cmd_device(args: argparse.Namespace) -> int:
-    if args.action == "create":
-        creds = _provisioner_call(args.org, lambda p: p.create_device(args.org, args.device, args.name or "",
-                                                                      create_org=False))
-        _print_credentials(creds, args.json, "created")
-    elif args.action == "rotate":
-        creds = _provisioner_call(args.org, lambda p: p.rotate_credentials(args.org, args.device))
-        _print_credentials(creds, args.json, "has new credentials")
+    if args.action in ("create", "rotate"):
+        if args.action == "create":
+            creds = _provisioner_call(args.org, lambda p: p.create_device(args.org, args.device, args.name or "",
+                                                                          create_org=False))
+        else:
+            creds = _provisioner_call(args.org, lambda p: p.rotate_credentials(args.org, args.device))
+        if args.firmware_config is not None:
+            _write_firmware_config(creds, args.firmware_config)
+        else:
+            _print_credentials(creds, args.json, "created" if args.action == "create" else "has new credentials")
     else:
         enabled = args.action == "enable"
         _provisioner_call(args.org, lambda p: p.set_enabled(args.org, args.device, enabled))
@@ -403,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("device", type=_slug, help="device slug")
         if action in ("create", "rotate"):
             a.add_argument("--json", action="store_true", help="print the credentials as JSON")
+            a.add_argument("--firmware-config", nargs="?", const="-", metavar="FILE",
+                           help="instead, the firmware's lms_config.json (Wi-Fi placeholders, broker, credentials, "
+                                "topic prefix): into FILE (mode 0600), or on stdout without FILE")
         if action == "create":
             a.add_argument("--name", help="display name")
         a.set_defaults(fn=cmd_device)
