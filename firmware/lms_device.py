@@ -344,6 +344,8 @@ class Device:
             self.tx_pid = self.client.publish(self.prefix + "/telemetry", lms_proto.batch(self.buf[:n]), 1)
             self.inflight = n
             self.tx_at = now
+            if n > 1:
+                log("sent a batch of", n, "buffered readings,", len(self.buf) - n, "left")
 
     # -- sampling ----------------------------------------------------------------------
 

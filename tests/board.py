@@ -56,4 +56,7 @@ class Board:
                 raise AssertionError(f"the firmware exited ({self.proc.returncode}):\n{self.console()[-3000:]}")
             return text in self.console()[after:]
 
-        wait_until(seen, timeout, f"{text!r} on the firmware's console", interval=0.05)
+        try:
+            wait_until(seen, timeout, f"{text!r} on the firmware's console", interval=0.05)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the console ends with:\n{self.console()[-2000:]}") from None
