@@ -6,14 +6,13 @@ import json
 import os
 import random
 
+import lms_mqtt
+import lms_proto
+import lms_sensors
 import machine
 import network
 import ntptime
 import utime
-
-import lms_mqtt
-import lms_proto
-import lms_sensors
 from lms_proto import Refused
 
 VERSION = "1.0.0"

@@ -7,10 +7,9 @@
 # Why not umqtt.simple: its publish() waits for the PUBACK with no timeout, and the
 # releases on PyPI that take a user name, password and Last Will (1.2-1.3.4) cannot be
 # installed by pip there; this file is the same bytes on the board and on CPython.
+import lms_wire
 import usocket as socket
 import utime
-
-import lms_wire
 
 # Incoming messages larger than this are read and dropped (the callback gets None as the
 # payload, so the firmware can answer an error): 16 KiB is the platform's largest desired

@@ -244,6 +244,55 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_open_files(need: int) -> None:
+    """Lift the soft open-file limit to the hard one; refuse a fleet that cannot fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if need > hard:
+        raise StackError(f"{need} connections need {need} open files; this process may open {hard} "
+                         "(raise it with `ulimit -n`)")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``lms simulate``: N devices speaking the firmware's protocol (lms_cli/simulate.py)."""
+    from lms_cli.simulate import run_fleet
+    from lms_core import db
+    from lms_core.provisioning import Provisioner
+    from lms_core.settings import MqttUrl
+
+    settings = _settings()
+    _raise_open_files(args.devices + 64)
+    slugs = [f"{args.prefix}-{i:05d}" for i in range(1, args.devices + 1)]
+
+    async def provision() -> list[Any]:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
+            made = await pool.fetchval("INSERT INTO organizations (slug, name) VALUES ($1, $1) "
+                                       "ON CONFLICT (slug) DO NOTHING RETURNING id", args.org)
+            if made:
+                print(f"created organization {args.org} for the simulated devices", flush=True)
+            async with Provisioner.open(settings, pool) as prov:
+                return await prov.ensure_devices(args.org, slugs, tags=["simulated"])
+
+    creds = asyncio.run(provision())
+    print(f"{len(creds)} devices {args.org}/{slugs[0]} … {slugs[-1]}, one reading every {args.rate} s each; "
+          "Ctrl-C stops", flush=True)
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_fleet(MqttUrl.parse(settings.device_mqtt_url), creds, args.rate, seconds=args.seconds,
+                               stop=stop, spike_chance=args.spike_chance)
+
+    stats = asyncio.run(main())
+    print(f"stopped: {stats.line()}")
+    return 0
+
+
 def cmd_org(args: argparse.Namespace) -> int:
     """``lms org create``: the one way the command line makes an organization.
 
@@ -350,6 +399,26 @@ def _hostname(value: str) -> str:
     return value
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 1 <= n <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be 1-100000, got {n}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0.1 <= s <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 0.1-86400 seconds, got {s}")
+    return s
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -414,6 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--name", type=_display_name, help="display name (default: the slug)")
     oc.add_argument("--owner", metavar="EMAIL", help="an existing user who becomes its owner")
     oc.set_defaults(fn=cmd_org)
+
+    sim = sub.add_parser("simulate", help="run simulated devices that speak the firmware's protocol")
+    sim.add_argument("--devices", type=_count, default=10, help="how many (default 10)")
+    sim.add_argument("--rate", type=_seconds, default=10.0, help="seconds between two readings of a device "
+                                                                 "(default 10)")
+    sim.add_argument("--org", type=_slug, default="sim", help="their organization (default sim; created if missing)")
+    sim.add_argument("--prefix", type=_slug, default="sim", help="device slugs PREFIX-00001 … (default sim)")
+    sim.add_argument("--seconds", type=_seconds, help="stop after this long (default: on Ctrl-C)")
+    sim.add_argument("--spike-chance", type=float, default=0.0, help="chance per reading of a warm spell "
+                                                                     "(something for an alert rule)")
+    sim.set_defaults(fn=cmd_simulate)
 
     dev = sub.add_parser("device", help="provision and manage devices")
     dsub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")

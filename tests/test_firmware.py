@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import itertools
 import json
 import statistics
 import subprocess
@@ -175,7 +176,7 @@ def command(org: Org, device: str, name: str, params: Any = None, **body: Any) -
 
 
 def gaps(readings: list[dict[str, Any]]) -> list[int]:
-    return [b["ts"] - a["ts"] for a, b in zip(readings, readings[1:], strict=False)]
+    return [b["ts"] - a["ts"] for a, b in itertools.pairwise(readings)]
 
 
 def test_commands_are_answered_refused_and_run_after_a_reconnect(

@@ -16,7 +16,7 @@ def getaddrinfo(host: str, port: int, af: int = 0, type: int = 0, proto: int = 0
     return _s.getaddrinfo(host, port, af or _s.AF_INET, type, proto, flags)
 
 
-class socket:  # noqa: N801 - MicroPython's name
+class socket:  # MicroPython's name
     def __init__(self, af: int = AF_INET, type: int = SOCK_STREAM, proto: int = 0) -> None:
         self._s = _s.socket(af, type, proto)
 
