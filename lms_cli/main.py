@@ -48,7 +48,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from lms_cli.stack import LocalStack
 
     stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port, api_port=args.api_port,
-                       listen=args.listen, device_host=args.device_host, registration=args.registration)
+                       listen=args.listen, device_host=args.device_host, registration=args.registration,
+                       demo=args.demo)
     return stack.run()
 
 
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "listening on all addresses)")
     up.add_argument("--registration", action="store_true",
                     help="let anyone who reaches the API sign up (off by default; limited per address)")
+    up.add_argument("--demo", action="store_true",
+                    help="also a demo organization: a user (printed), a site, five devices running the firmware, "
+                         "a desired config and an alert rule")
     up.set_defaults(fn=cmd_up)
 
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")
