@@ -287,7 +287,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         return await run_fleet(MqttUrl.parse(settings.device_mqtt_url), creds, args.rate, seconds=args.seconds,
-                               stop=stop, spike_chance=args.spike_chance)
+                               stop=stop, spike_chance=args.spike_chance, connect_rate=args.connect_rate,
+                               progress=args.progress)
 
     stats = asyncio.run(main())
     print(f"stopped: {stats.line()}")
@@ -497,6 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seconds", type=_seconds, help="stop after this long (default: on Ctrl-C)")
     sim.add_argument("--spike-chance", type=float, default=0.0, help="chance per reading of a warm spell "
                                                                      "(something for an alert rule)")
+    sim.add_argument("--connect-rate", type=float, default=500.0,
+                     help="new connections per second at most, at start and after a broker restart (default 500)")
+    sim.add_argument("--progress", type=_seconds, default=2.0, help="seconds between progress lines (default 2)")
     sim.set_defaults(fn=cmd_simulate)
 
     dev = sub.add_parser("device", help="provision and manage devices")

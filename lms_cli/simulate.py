@@ -341,10 +341,10 @@ class SimDevice(asyncio.Protocol):
 
 async def run_fleet(url: MqttUrl, creds: list[DeviceCredentials], interval: float, *,
                     seconds: float | None = None, progress: float = 2.0, stop: asyncio.Event | None = None,
-                    spike_chance: float = 0.0) -> Stats:
+                    spike_chance: float = 0.0, connect_rate: float = 500.0) -> Stats:
     """Run the fleet until ``stop`` is set (or ``seconds`` passed), printing a progress line
     every ``progress`` seconds (0: none)."""
-    fleet = Fleet(url, interval, spike_chance=spike_chance)
+    fleet = Fleet(url, interval, spike_chance=spike_chance, connect_rate=connect_rate)
     for i, c in enumerate(creds):
         fleet.add(c, i)
     fleet.start()
