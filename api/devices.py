@@ -11,7 +11,14 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 
 from api.access import Access
 from api.deps import AuditLog
-from api.services.devices import Device, DeviceCreate, DeviceCreated, DeviceService, DeviceUpdate
+from api.services.devices import (
+    Device,
+    DeviceCreate,
+    DeviceCreated,
+    DeviceService,
+    DeviceUpdate,
+    FirmwareConfig,
+)
 from lms_core.provisioning import DeviceCredentials
 
 Devices = NamedDependency[DeviceService]
@@ -61,6 +68,14 @@ class DevicesController(Controller):
                      device: FromPath[str]) -> DeviceCredentials:
         """New MQTT password (shown only now); the old one stops working."""
         return await devices.rotate(access, device, audit)
+
+    @post("/{device:str}/firmware-config", opt={"perm": "devices.write"}, status_code=200)
+    async def firmware_config(self, access: Access, devices: Devices, audit: AuditLog,
+                              device: FromPath[str]) -> FirmwareConfig:
+        """The firmware's ``lms_config.json`` with **new** credentials (the old password stops
+        working): the password is never stored, so the file cannot be produced without a
+        rotation. A new device's file comes in its creation answer instead."""
+        return await devices.rotate_for_firmware(access, device, audit)
 
     @delete("/{device:str}", opt={"perm": "devices.write"}, status_code=HTTP_204_NO_CONTENT)
     async def delete_device(self, access: Access, devices: Devices, audit: AuditLog, device: FromPath[str],

@@ -48,7 +48,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from lms_cli.stack import LocalStack
 
     stack = LocalStack(Path(args.state), mqtt_port=args.mqtt_port, pg_port=args.pg_port, api_port=args.api_port,
-                       listen=args.listen, device_host=args.device_host, registration=args.registration)
+                       listen=args.listen, device_host=args.device_host, registration=args.registration,
+                       demo=args.demo)
     return stack.run()
 
 
@@ -209,18 +210,91 @@ def _print_credentials(creds: Any, as_json: bool, verb: str) -> None:
           f"    -t '{u.topic_prefix}/telemetry' -m '{{\"temp\": 21.5}}'")
 
 
+def _write_firmware_config(creds: Any, target: str) -> None:
+    """The firmware's ``lms_config.json`` for ``creds``: on stdout (``-``) or into a new file
+    readable by its owner only (it holds the device's password)."""
+    from lms_core.firmware import firmware_config
+
+    text = json.dumps(firmware_config(creds), indent=2) + "\n"
+    if target == "-":
+        print(text, end="")
+        return
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise StackError(f"cannot write {target}: {exc.strerror}; the password was not shown - "
+                         f"`lms device rotate --firmware-config FILE` issues a new one") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    print(f"wrote {target} (mode 0600, holds the device's password): set the Wi-Fi name and password in it, "
+          "then copy it to the board as lms_config.json", file=sys.stderr)
+
+
 def cmd_device(args: argparse.Namespace) -> int:
-    if args.action == "create":
-        creds = _provisioner_call(args.org, lambda p: p.create_device(args.org, args.device, args.name or "",
-                                                                      create_org=False))
-        _print_credentials(creds, args.json, "created")
-    elif args.action == "rotate":
-        creds = _provisioner_call(args.org, lambda p: p.rotate_credentials(args.org, args.device))
-        _print_credentials(creds, args.json, "has new credentials")
+    if args.action in ("create", "rotate"):
+        if args.action == "create":
+            creds = _provisioner_call(args.org, lambda p: p.create_device(args.org, args.device, args.name or "",
+                                                                          create_org=False))
+        else:
+            creds = _provisioner_call(args.org, lambda p: p.rotate_credentials(args.org, args.device))
+        if args.firmware_config is not None:
+            _write_firmware_config(creds, args.firmware_config)
+        else:
+            _print_credentials(creds, args.json, "created" if args.action == "create" else "has new credentials")
     else:
         enabled = args.action == "enable"
         _provisioner_call(args.org, lambda p: p.set_enabled(args.org, args.device, enabled))
         print(f"device {args.org}/{args.device} {'enabled' if enabled else 'disabled and disconnected'}")
+    return 0
+
+
+def _raise_open_files(need: int) -> None:
+    """Lift the soft open-file limit to the hard one; refuse a fleet that cannot fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if need > hard:
+        raise StackError(f"{need} connections need {need} open files; this process may open {hard} "
+                         "(raise it with `ulimit -n`)")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``lms simulate``: N devices speaking the firmware's protocol (lms_cli/simulate.py)."""
+    from lms_cli.simulate import run_fleet
+    from lms_core import db
+    from lms_core.provisioning import Provisioner
+    from lms_core.settings import MqttUrl
+
+    settings = _settings()
+    _raise_open_files(args.devices + 64)
+    slugs = [f"{args.prefix}-{i:05d}" for i in range(1, args.devices + 1)]
+
+    async def provision() -> list[Any]:
+        async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
+            made = await pool.fetchval("INSERT INTO organizations (slug, name) VALUES ($1, $1) "
+                                       "ON CONFLICT (slug) DO NOTHING RETURNING id", args.org)
+            if made:
+                print(f"created organization {args.org} for the simulated devices", flush=True)
+            async with Provisioner.open(settings, pool) as prov:
+                return await prov.ensure_devices(args.org, slugs, tags=["simulated"])
+
+    creds = asyncio.run(provision())
+    print(f"{len(creds)} devices {args.org}/{slugs[0]} … {slugs[-1]}, one reading every {args.rate} s each; "
+          "Ctrl-C stops", flush=True)
+
+    async def main() -> Any:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await run_fleet(MqttUrl.parse(settings.device_mqtt_url), creds, args.rate, seconds=args.seconds,
+                               stop=stop, spike_chance=args.spike_chance, connect_rate=args.connect_rate,
+                               progress=args.progress)
+
+    stats = asyncio.run(main())
+    print(f"stopped: {stats.line()}")
     return 0
 
 
@@ -330,6 +404,26 @@ def _hostname(value: str) -> str:
     return value
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 1 <= n <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be 1-100000, got {n}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0.1 <= s <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 0.1-86400 seconds, got {s}")
+    return s
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -357,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "listening on all addresses)")
     up.add_argument("--registration", action="store_true",
                     help="let anyone who reaches the API sign up (off by default; limited per address)")
+    up.add_argument("--demo", action="store_true",
+                    help="also a demo organization: a user (printed), a site, five devices running the firmware, "
+                         "a desired config and an alert rule")
     up.set_defaults(fn=cmd_up)
 
     env = sub.add_parser("env", help="print the running local stack's settings as shell exports")
@@ -395,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     oc.add_argument("--owner", metavar="EMAIL", help="an existing user who becomes its owner")
     oc.set_defaults(fn=cmd_org)
 
+    sim = sub.add_parser("simulate", help="run simulated devices that speak the firmware's protocol")
+    sim.add_argument("--devices", type=_count, default=10, help="how many (default 10)")
+    sim.add_argument("--rate", type=_seconds, default=10.0, help="seconds between two readings of a device "
+                                                                 "(default 10)")
+    sim.add_argument("--org", type=_slug, default="sim", help="their organization (default sim; created if missing)")
+    sim.add_argument("--prefix", type=_slug, default="sim", help="device slugs PREFIX-00001 … (default sim)")
+    sim.add_argument("--seconds", type=_seconds, help="stop after this long (default: on Ctrl-C)")
+    sim.add_argument("--spike-chance", type=float, default=0.0, help="chance per reading of a warm spell "
+                                                                     "(something for an alert rule)")
+    sim.add_argument("--connect-rate", type=float, default=500.0,
+                     help="new connections per second at most, at start and after a broker restart (default 500)")
+    sim.add_argument("--progress", type=_seconds, default=2.0, help="seconds between progress lines (default 2)")
+    sim.set_defaults(fn=cmd_simulate)
+
     dev = sub.add_parser("device", help="provision and manage devices")
     dsub = dev.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("create", "create a device and its MQTT credentials"),
@@ -406,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("device", type=_slug, help="device slug")
         if action in ("create", "rotate"):
             a.add_argument("--json", action="store_true", help="print the credentials as JSON")
+            a.add_argument("--firmware-config", nargs="?", const="-", metavar="FILE",
+                           help="instead, the firmware's lms_config.json (Wi-Fi placeholders, broker, credentials, "
+                                "topic prefix): into FILE (mode 0600), or on stdout without FILE")
         if action == "create":
             a.add_argument("--name", help="display name")
         a.set_defaults(fn=cmd_device)

@@ -93,8 +93,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 class LocalStack:
     def __init__(self, state_dir: Path, *, mqtt_port: int | None = None, pg_port: int | None = None,
                  api_port: int | None = None, listen: str | None = None, device_host: str | None = None,
-                 registration: bool = False) -> None:
+                 registration: bool = False, demo: bool = False) -> None:
         self.dir = state_dir.resolve()
+        self.demo = demo
         self.want_mqtt, self.want_pg, self.want_api = mqtt_port, pg_port, api_port
         self.want_listen, self.want_device_host = listen, device_host
         self.registration = registration
@@ -151,6 +152,9 @@ class LocalStack:
                 if wanted is not None and wanted != state[key]:
                     raise StackError(f"this stack was created with {key.replace('_', ' ')} {state[key]}; "
                                      f"drop --{key.replace('_', '-')} or use another --state folder")
+        if self.demo and "demo_password" not in state:
+            state["demo_password"] = new_password()
+            self._save(state)
         return state
 
     def _save(self, state: dict[str, Any]) -> None:
@@ -206,6 +210,8 @@ class LocalStack:
                 raise StackError(f"port {state['api_port']} (API) is already in use")
             self._start_bridge(env)
             self._start_api(env, state["api_port"])
+            if self.demo:
+                self._start_demo(state)
             self._banner(state)
             self._supervise(pg, mq, env)
         except KeyboardInterrupt:
@@ -256,6 +262,42 @@ class LocalStack:
                 return
             time.sleep(0.1)
         raise StackError(f"the API did not start; see {self.dir}/api.log")
+
+    def _start_demo(self, state: dict[str, Any]) -> None:
+        """The demo (lms_cli/demo.py): its user, then its organization through the API, then
+        five boards running the firmware, each a supervised child."""
+        from lms_cli import demo
+
+        pg_url = settings_env(self.dir)["LMS_DATABASE_URL"]
+        self._ensure_user(pg_url, state, demo.EMAIL, state["demo_password"], superuser=False)
+        print("setting up the demo organization ...", flush=True)
+        for folder in demo.set_up(f"http://127.0.0.1:{state['api_port']}", state, self.dir):
+            self._start_board(folder)
+
+    def _start_board(self, folder: Path) -> None:
+        """The firmware on CPython for the board whose filesystem is ``folder``."""
+        run = Path(__file__).resolve().parent.parent / "firmware" / "host" / "run.py"
+        log = open_log(folder / "console.log")
+        self.children[f"board {folder.name}"] = subprocess.Popen(
+            [sys.executable, str(run), str(folder)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+
+    @staticmethod
+    def _ensure_user(url: str, state: dict[str, Any], email: str, password: str, *, superuser: bool) -> None:
+        from api.auth.service import AuthService
+        from lms_core.errors import AlreadyExists
+        from lms_core.settings import ApiSettings
+
+        async def main() -> None:
+            async with db.create_pool(url, min_size=1, max_size=2) as pool:
+                try:
+                    await AuthService(pool, ApiSettings(), state["secret_key"]).create_user(
+                        email, password, superuser=superuser)
+                    print(f"  created the {'superuser' if superuser else 'user'} {email}", flush=True)
+                except AlreadyExists:
+                    pass
+
+        asyncio.run(main())
 
     @staticmethod
     def _ensure_admin(url: str, state: dict[str, Any]) -> None:
@@ -310,11 +352,29 @@ Create an organization, add a device to it and publish as it:
       -t lms/acme/sensor-1/telemetry -m '{{"temp": 21.5}}'
 Watch everything (a read-only login: subscribe only, its client id pinned):
   mosquitto_sub -p {s['mqtt_port']} -u {s['watch_user']} -P '{s['watch_password']}' -i {s['watch_user']} -t 'lms/#' -v
-Settings for other shells:  eval "$({lms} env)"
+Settings for other shells:  eval "$({lms} env)"{self._demo_banner(s)}
 
 Dashboard: open http://127.0.0.1:{s['api_port']}/ and sign in as {s['admin_email']}
 
 ready — Ctrl-C stops everything""", flush=True)
+
+    def _demo_banner(self, s: dict[str, Any]) -> str:
+        if not self.demo:
+            return ""
+        from lms_cli import demo
+
+        api = f"http://127.0.0.1:{s['api_port']}/api/v1"
+        return f"""
+
+Demo: organization {demo.ORG}, site {demo.SITE}, devices {', '.join(demo.DEVICES)} (the firmware on
+CPython, consoles in {self.dir}/demo/*/console.log), one desired config, alert rule "{demo.RULE['name']}"
+                user {demo.EMAIL} / {s['demo_password']}
+  curl -s {api}/auth/login -H 'Content-Type: application/json' \\
+      -d '{{"email": "{demo.EMAIL}", "password": "{s['demo_password']}"}}'    # TOKEN=its access_token
+  curl -s -H "Authorization: Bearer $TOKEN" {api}/orgs/{demo.ORG}/devices/sensor-1/latest
+  curl -s -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+      {api}/orgs/{demo.ORG}/devices/sensor-1/commands?wait=10 -d '{{"name": "ping"}}'
+  curl -s -H "Authorization: Bearer $TOKEN" {api}/orgs/{demo.ORG}/alerts"""
 
     def _supervise(self, pg: Postgres, mq: Mosquitto, env: dict[str, str]) -> None:
         restarts: dict[str, list[float]] = {}
@@ -341,3 +401,7 @@ ready — Ctrl-C stops everything""", flush=True)
             api = self.children.get("api")
             if api is not None and api.poll() is not None:
                 restart("API", lambda: self._start_child("api", env))
+            for name, child in list(self.children.items()):
+                if name.startswith("board ") and child.poll() is not None:
+                    folder = self.dir / "demo" / name.split(" ", 1)[1]
+                    restart(name, lambda f=folder: self._start_board(f))

@@ -13,6 +13,7 @@ from msgspec import Meta
 
 from api.services.audit import Audit
 from lms_core.errors import InvalidInput, NotFound
+from lms_core.firmware import firmware_config
 from lms_core.provisioning import DeviceCredentials, Provisioner
 from lms_core.settings import Settings
 from lms_core.topics import SLUG_PATTERN, TopicScheme
@@ -54,6 +55,14 @@ class Device(msgspec.Struct):
 class DeviceCreated(msgspec.Struct):
     device: Device
     credentials: DeviceCredentials
+    #: The firmware's lms_config.json for these credentials (lms_core.firmware), shown once
+    #: like them: Wi-Fi placeholders, broker, credentials, topic prefix.
+    firmware_config: dict[str, Any]
+
+
+class FirmwareConfig(msgspec.Struct):
+    credentials: DeviceCredentials
+    firmware_config: dict[str, Any]
 
 
 COLUMNS = ("d.slug, d.name, d.properties, d.tags, d.enabled, d.status, d.last_seen_at, d.status_changed_at, "
@@ -113,7 +122,8 @@ class DeviceService:
                                              create_org=False, record=audit.record(
                                                  "device.created", actor=access.principal.user_id,
                                                  org_id=access.org_id))
-        return DeviceCreated(device=await self.get(access, data.slug), credentials=creds)
+        return DeviceCreated(device=await self.get(access, data.slug), credentials=creds,
+                             firmware_config=firmware_config(creds))
 
     async def update(self, access: OrgAccess, device: str, data: DeviceUpdate) -> Device:
         found = await self.pool.fetchval(
@@ -139,6 +149,12 @@ class DeviceService:
         async with Provisioner.open(self.settings, self.pool) as prov:
             return await prov.rotate_credentials(access.slug, device, record=audit.record(
                 "device.credentials_rotated", actor=access.principal.user_id, org_id=access.org_id))
+
+    async def rotate_for_firmware(self, access: OrgAccess, device: str, audit: Audit) -> FirmwareConfig:
+        """New credentials and the firmware file holding them: the password is never stored,
+        so a file for an existing device always comes with a rotation."""
+        creds = await self.rotate(access, device, audit)
+        return FirmwareConfig(credentials=creds, firmware_config=firmware_config(creds))
 
     async def delete(self, access: OrgAccess, device: str, *, purge: bool, audit: Audit) -> None:
         await self.get(access, device)
