@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from time import time as _now  # a global, not an attribute, read once per message
+from time import time_ns as _now_ns  # a global, not an attribute, read once per message
 
 import paho.mqtt.client as paho
 
@@ -52,6 +52,8 @@ class Ingest:
         #: Set on every new connection: the subscriber task (re)subscribes.
         self._connected = asyncio.Event()
         self._draining = False
+        #: Last time of receipt given, in microseconds: each message gets a later one.
+        self._last_us = 0
         self._backpressure = False
         #: A command result is buffered: commit without waiting for the batch to fill.
         self._urgent = False
@@ -89,7 +91,15 @@ class Ingest:
         buf = self.buffer
         topic = msg.topic
         # QoS 0 messages carry no packet id (mid 0): they are never acknowledged.
-        buf.append(Message(topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, _now(),
+        us = _now_ns() // 1000
+        if us <= self._last_us:
+            # Flat telemetry is stamped with its time of receipt and readings are unique per
+            # (device, metric, time): two messages of a device received in one microsecond
+            # (the asyncio receiver hands over a read of a backlog at >100k msg/s) would
+            # become one reading. Distinct microseconds keep both.
+            us = self._last_us + 1
+        self._last_us = us
+        buf.append(Message(topic, msg.payload, msg.mid if msg.qos else 0, self.mqtt.generation, us / 1e6,
                            msg.retain))
         n = len(buf)
         if topic[-7:] == "/result":
