@@ -178,9 +178,10 @@ class Publishers:
 class BareSub:
     """bench/bare_sub.py as a child process; its JSON event lines are collected."""
 
-    def __init__(self, url: str, client_id: str, target: int, timeout: float, clean: bool = False) -> None:
+    def __init__(self, url: str, client_id: str, target: int, timeout: float, clean: bool = False,
+                 receiver: str = "paho") -> None:
         args = [sys.executable, str(BENCH / "bare_sub.py"), url, client_id, BARE_FILTER, str(target),
-                "--timeout", str(timeout)] + (["--clean"] if clean else [])
+                "--timeout", str(timeout), "--receiver", receiver] + (["--clean"] if clean else [])
         self.t_start = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.timeout = timeout
@@ -377,11 +378,12 @@ class Bench:
 
     # bridge ----------------------------------------------------------------------------
 
-    def bridge_phases(self, rep: int) -> dict[str, Any]:
+    def bridge_phases(self, n_rep: int, receiver: str) -> dict[str, Any]:
         n = self.per_phase
         res: dict[str, Any] = {}
+        rep = f"{n_rep} bridge/{receiver}"
         say(f"[{rep}] bridge drain: start the bridge once (session + subscription), stop it")
-        b = self.stack.start_bridge(BRIDGE_CLIENT_ID)
+        b = self.stack.start_bridge(BRIDGE_CLIENT_ID, LMS_BRIDGE_RECEIVER=receiver)
         if b.stop() != 0:
             raise BenchError(f"bridge exited with {b.proc.returncode if b.proc else '?'} on SIGTERM")
         pubs = self.publish(f"[{rep}] bridge drain: backlog")
@@ -465,8 +467,9 @@ class Bench:
 
     # bare subscriber ------------------------------------------------------------------
 
-    def bare_phases(self, rep: int) -> dict[str, Any]:
+    def bare_phases(self, n_rep: int, receiver: str) -> dict[str, Any]:
         n = self.per_phase
+        rep = f"{n_rep} bare/{receiver}"
         url = self.stack.mq.service_url
         res: dict[str, Any] = {}
         say(f"[{rep}] bare drain: create the subscriber's session, queue the backlog")
@@ -476,7 +479,7 @@ class Bench:
         say(f"  backlog of {n:,} queued in {res['drain_publishers']['wall_s']} s "
             f"({res['drain_publishers']['msg_per_s']:,.0f} msg/s); starting the bare subscriber")
         meter = CpuMeter(self.stack)
-        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n))
+        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n), receiver=receiver)
         self.live_children.append(s)
         self._follow(s, f"[{rep}] bare drain", n)
         cpu = meter.stop()
@@ -500,7 +503,7 @@ class Bench:
             f"steady {fmt(d['msg_per_s_steady'])} msg/s; cpu {cpu}")
 
         say(f"[{rep}] bare live: subscriber and publishers together")
-        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n))
+        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n), receiver=receiver)
         self.live_children.append(s)
         s.wait_event("subscribed", 30)
         meter = CpuMeter(self.stack)
@@ -592,6 +595,7 @@ def med(values: list[float]) -> float:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians per consumer (bridge_paho, bridge_asyncio, bare_paho, bare_asyncio: those run)."""
     def pick(*path: str) -> float | None:
         vals = []
         for r in runs:
@@ -602,47 +606,46 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 vals.append(float(v))
         return med(vals) if vals else None
 
-    s: dict[str, Any] = {}
-    for kind, bk in (("from_process_start", "msg_per_s_from_process_start"),
-                     ("from_connect", "msg_per_s_from_connect"), ("steady", "msg_per_s_steady")):
-        s[f"drain_{kind}"] = {"bridge": pick("bridge", "drain", bk), "bare": pick("bare", "drain", bk)}
-    s["drain_publishers"] = {"bridge": pick("bridge", "drain_publishers", "msg_per_s"),
-                             "bare": pick("bare", "drain_publishers", "msg_per_s")}
-    s["live"] = {"bridge": pick("bridge", "live", "msg_per_s"), "bare": pick("bare", "live", "msg_per_s")}
-    s["live_publishers"] = {"bridge": pick("bridge", "live_publishers", "msg_per_s"),
-                            "bare": pick("bare", "live_publishers", "msg_per_s")}
-    s["bridge_peak_rss_kb"] = max(r["bridge"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
-    s["bridge_drain_peak_rss_kb"] = max(r["bridge"]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
-    s["bridge_startup_to_connect_s"] = pick("bridge", "drain", "bridge_startup_to_connect_s")
-    s["bare_startup_to_connect_s"] = pick("bare", "drain", "startup_to_connect_s")
+    s: dict[str, Any] = {"consumers": list(runs[0])}
+    for c in runs[0]:
+        s[c] = {
+            "drain_from_process_start": pick(c, "drain", "msg_per_s_from_process_start"),
+            "drain_from_connect": pick(c, "drain", "msg_per_s_from_connect"),
+            "drain_steady": pick(c, "drain", "msg_per_s_steady"),
+            "drain_publishers": pick(c, "drain_publishers", "msg_per_s"),
+            "live": pick(c, "live", "msg_per_s"),
+            "live_publishers": pick(c, "live_publishers", "msg_per_s"),
+        }
+        if c.startswith("bridge"):
+            s[c]["peak_rss_kb"] = max(r[c]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
+            s[c]["drain_peak_rss_kb"] = max(r[c]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
+            s[c]["startup_to_connect_s"] = pick(c, "drain", "bridge_startup_to_connect_s")
     return s
 
 
 def table(s: dict[str, Any], n: int, repeat: int) -> str:
-    def row(phase: str, b: float | None, bare: float | None, pub_b: str, pub_bare: str) -> str:
-        if b is None or bare is None:
-            return f"| {phase} | n/a (run too short) | | | | {pub_b} | {pub_bare} |"
-        return (f"| {phase} | {b:,.0f} | {b * ROWS_PER_MSG:,.0f} | {bare:,.0f} | {b / bare:.2f} | "
-                f"{pub_b} | {pub_bare} |")
-
-    dp = s["drain_publishers"]
-    lp = s["live_publishers"]
+    consumers = s["consumers"]
+    base = "bare_paho" if "bare_paho" in consumers else consumers[-1]
+    phases = [("drain, from process start to last commit / last message", "drain_from_process_start"),
+              ("drain, from MQTT connect", "drain_from_connect"),
+              ("drain, steady (first commit / first message to last)", "drain_steady"),
+              ("live, from publishers' start to last commit / last message", "live")]
+    head = " | ".join(f"{c} msg/s | {c}/{base}" for c in consumers)
     lines = [
         f"{n:,} messages ({n * ROWS_PER_MSG:,} rows) per phase; "
         + ("single run" if repeat == 1 else f"medians of {repeat} runs"),
         "",
-        "| phase | bridge msg/s | bridge rows/s | bare subscriber msg/s | bridge/bare | publishers msg/s (bridge run) "
-        "| publishers msg/s (bare run) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        row("drain, from process start to last commit / last message", s["drain_from_process_start"]["bridge"],
-            s["drain_from_process_start"]["bare"], f"{dp['bridge']:,.0f} (into queue)",
-            f"{dp['bare']:,.0f} (into queue)"),
-        row("drain, from MQTT connect", s["drain_from_connect"]["bridge"], s["drain_from_connect"]["bare"], "", ""),
-        row("drain, steady (first commit / first message to last)", s["drain_steady"]["bridge"],
-            s["drain_steady"]["bare"], "", ""),
-        row("live, from publishers' start to last commit / last message", s["live"]["bridge"], s["live"]["bare"],
-            f"{lp['bridge']:,.0f}", f"{lp['bare']:,.0f}"),
+        f"| phase | {head} |",
+        "|---|" + "---:|---:|" * len(consumers),
     ]
+    for label, key in phases:
+        cells = []
+        for c in consumers:
+            v, ref = s[c][key], s[base][key]
+            cells.append("n/a | " if v is None else f"{v:,.0f} | " + (f"{v / ref:.2f}" if ref else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    pubs = ", ".join(f"{c} {s[c]['live_publishers']:,.0f}" for c in consumers)
+    lines += ["", f"Publishers' own rate in the live phases (msg/s): {pubs}"]
     return "\n".join(lines)
 
 
@@ -653,7 +656,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run each phase N times, report medians (default 1)")
     ap.add_argument("--window", type=int, default=500, help="publisher in-flight window (default 500)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) after the run")
+    ap.add_argument("--receivers", default="paho,asyncio",
+                    help="comma-separated LMS_BRIDGE_RECEIVER values to measure, bridge and bare subscriber "
+                         "each (default paho,asyncio)")
     args = ap.parse_args()
+    args.receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    if not args.receivers or set(args.receivers) - {"paho", "asyncio"}:
+        ap.error("--receivers: paho and/or asyncio")
     if args.messages < 1 or args.devices < 1 or args.repeat < 1 or args.window < 1:
         ap.error("all numbers must be positive")
 
@@ -675,7 +684,12 @@ def main() -> int:
         bench.setup()
         info = machine_info(bench.stack)
         for rep in range(1, args.repeat + 1):
-            runs.append({"bridge": bench.bridge_phases(rep), "bare": bench.bare_phases(rep)})
+            run: dict[str, Any] = {}
+            for receiver in args.receivers:
+                run[f"bridge_{receiver}"] = bench.bridge_phases(rep, receiver)
+            for receiver in args.receivers:
+                run[f"bare_{receiver}"] = bench.bare_phases(rep, receiver)
+            runs.append(run)
         ok = True
     except (BenchError, AssertionError) as exc:
         say(f"FAILED: {exc}")
@@ -705,10 +719,9 @@ def main() -> int:
         "",
         table(s, n, args.repeat),
         "",
-        f"- bridge peak RSS (VmHWM): {s['bridge_peak_rss_kb'] / 1024:.1f} MiB over drain + live "
-        f"(after drain alone: {s['bridge_drain_peak_rss_kb'] / 1024:.1f} MiB)",
-        f"- bridge process start -> MQTT connected: {s['bridge_startup_to_connect_s']:.2f} s "
-        f"(bare subscriber: {s['bare_startup_to_connect_s']:.2f} s)",
+        *(f"- {c} peak RSS (VmHWM): {s[c]['peak_rss_kb'] / 1024:.1f} MiB over drain + live "
+          f"(after drain alone: {s[c]['drain_peak_rss_kb'] / 1024:.1f} MiB); process start -> MQTT connected "
+          f"{s[c]['startup_to_connect_s']:.2f} s" for c in s["consumers"] if c.startswith("bridge")),
         "- drain: backlog queued by Mosquitto for the consumer's persistent session while it was stopped; "
         "bridge = messages committed to PostgreSQL (lms_bridge_messages_stored_total, polled), "
         "bare = messages received and auto-acknowledged by bench/bare_sub.py",
