@@ -89,7 +89,8 @@ def test_bridge_killed_with_sigkill_mid_stream_loses_nothing(own_stack: Stack, u
 
 @pytest.mark.slow
 @RECEIVERS
-def test_postgres_stopped_for_ten_seconds_mid_stream_loses_nothing(own_stack: Stack, unique: str, receiver: str) -> None:
+def test_postgres_stopped_for_ten_seconds_mid_stream_loses_nothing(own_stack: Stack, unique: str,
+                                                                  receiver: str) -> None:
     bridge = own_stack.start_bridge(LMS_BRIDGE_RECEIVER=receiver)
 
     def fault() -> None:
