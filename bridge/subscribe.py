@@ -177,11 +177,15 @@ class Ingest:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if len(self.buffer) < self.batch_size and not stop.is_set() and not self._urgent:
-                # A partial batch waits up to flush_ms for more (or for stop).
+            # A partial batch waits for more (or for stop) until its oldest message has waited
+            # flush_ms. Counted from that message's receipt, not from now: messages received
+            # while the previous batch committed have waited that long already, and under a
+            # steady load a fresh window after each commit would add it to every latency.
+            wait = self.buffer[0].received_at + self.flush_s - _now()
+            if wait > 0 and len(self.buffer) < self.batch_size and not stop.is_set() and not self._urgent:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.flush_s):
+                    async with asyncio.timeout(min(wait, self.flush_s)):
                         await self._wake.wait()
                 if not self.buffer:
                     continue  # (the buffer empties when the connection drops)
