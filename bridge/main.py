@@ -108,9 +108,10 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         rules = RuleEngine(topics, metrics)
         store = Store(pool, TelemetryDecoder(settings.limits), topics, metrics, rules)
         ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
-        # Alert messages go out on the ingest's own connection (the platform account).
+        # Alert messages go out on the ingest's own connection (the platform account), right
+        # after the commit that wrote them.
         outbox = AlertOutbox(pool, ingest.mqtt, metrics)
-        rules.on_outbox = outbox.wake
+        rules.on_outbox = outbox.publish
         log.info("bridge %s ingesting", settings.bridge.client_id)
         try:
             # The tasks the bridge owns: one failing stops the others, and the group is

@@ -57,6 +57,7 @@ import asyncpg
 import msgspec
 
 from bridge.metrics import BridgeMetrics
+from bridge.outbox import LEASE_S, OutboxMessage
 from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message, webhook_event
 from lms_core.db import translate
 from lms_core.errors import DatabaseUnavailable, StorageError
@@ -352,7 +353,9 @@ class Evaluated:
 
     fired: int = 0
     resolved: int = 0
-    outbox: int = 0
+    #: The alert messages written to ``mqtt_outbox``: (row id, topic, payload), leased to
+    #: this bridge (bridge/outbox.py), published from memory once committed.
+    messages: list[OutboxMessage] = field(default_factory=list)
     late: int = 0
     seconds: float = 0.0
     #: (rule, device) -> receipt time written as last_seen_at (kept once committed).
@@ -364,10 +367,11 @@ _encode = msgspec.json.Encoder().encode
 
 async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, tuple[str, str]],
                         webhooks: dict[int, list[tuple[int, frozenset[str]]]], topics: TopicScheme,
-                        evaluated_at: datetime) -> int:
+                        evaluated_at: datetime) -> list[OutboxMessage]:
     """Write the alert changes ``ch`` and their notifications in the caller's transaction;
     ``where``: device id -> (org slug, device slug). New alerts must have their ids.
-    Returns the number of outbox rows written."""
+    Returns the alert messages written, their ``mqtt_outbox`` rows leased to this bridge
+    for :data:`bridge.outbox.LEASE_S` (it publishes them itself once committed)."""
     if ch.resolved:
         # Resolutions first: a pair whose old alert resolves and whose new one fires in the
         # same evaluation must never hold two firing rows (alerts_one_firing).
@@ -438,16 +442,19 @@ async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, 
                 hook_ids.append(h)
                 hook_alerts.append(alert_id)
                 hook_bodies.append(body)
+    written: list[OutboxMessage] = []
     if out_topics:
-        await conn.execute(
-            "INSERT INTO mqtt_outbox (topic, payload) SELECT * FROM unnest($1::text[], $2::bytea[])",
-            out_topics, out_payloads)
+        written = [OutboxMessage(*r) for r in await conn.fetch(
+            """INSERT INTO mqtt_outbox (topic, payload, publish_after)
+               SELECT t, p, now() + $3 * interval '1 second' FROM unnest($1::text[], $2::bytea[]) AS u(t, p)
+               RETURNING id, topic, payload""",
+            out_topics, out_payloads, LEASE_S)]
     if hook_ids:
         await conn.execute(
             """INSERT INTO webhook_deliveries (webhook_id, alert_id, body)
                SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])""",
             hook_ids, hook_alerts, hook_bodies)
-    return len(out_topics)
+    return written
 
 
 async def allocate_ids(conn: asyncpg.Connection, new: Sequence[NewAlert]) -> None:
@@ -519,8 +526,8 @@ class RuleEngine:
         self.topics = topics
         self.metrics = metrics
         self.snap = Snapshot()
-        #: Called after a commit that wrote outbox rows (the outbox publisher's wake-up).
-        self.on_outbox: Callable[[], None] | None = None
+        #: Called with the alert messages a commit wrote (bridge/outbox.py publishes them).
+        self.on_outbox: Callable[[list[OutboxMessage]], None] | None = None
         self._seen_written: dict[tuple[int, int], float] = {}
         self._lock = asyncio.Lock()
 
@@ -646,7 +653,7 @@ class RuleEngine:
              a.id if isinstance(a, NewAlert) else a, None if cu is None else _dt(cu), ls)
             for r, d, lt, si, a, cu, ls in states])
         where = {d: (devices[d].org, devices[d].slug) for _, d in keys if d in devices}
-        out.outbox = await write_changes(conn, ch, where, snap.webhooks, self.topics, now)
+        out.messages = await write_changes(conn, ch, where, snap.webhooks, self.topics, now)
         out.fired = len(ch.new)
         out.resolved = sum(1 for state, _ in ch.events if state == "resolved")
         out.seconds = time.perf_counter() - started
@@ -709,13 +716,14 @@ class RuleEngine:
         return Plan(pairs, seen_pairs, sorted(pairs.keys() | seen_pairs.keys()))
 
     def committed(self, ev: Evaluated | None) -> None:
-        """After the batch's commit: count, remember what was written, wake the outbox."""
+        """After the batch's commit: count, remember what was written, hand the alert
+        messages to the outbox."""
         if ev is None:
             return
         self._seen_written.update(ev.seen_written)
         self.metrics.rules_evaluated(ev)
-        if ev.outbox and self.on_outbox is not None:
-            self.on_outbox()
+        if ev.messages and self.on_outbox is not None:
+            self.on_outbox(ev.messages)
 
 
 # -- the no-data / offline sweep ------------------------------------------------------------
@@ -867,7 +875,7 @@ class RuleSweeper:
             "SELECT d.id, o.slug AS org, d.slug FROM devices d JOIN organizations o ON o.id = d.org_id "
             "WHERE d.id = ANY($1::bigint[])", list({k[1] for k in keys}))}
         out = Evaluated(fired=len(ch.new), resolved=sum(1 for s, _ in ch.events if s == "resolved"))
-        out.outbox = await write_changes(conn, ch, where, self.engine.snap.webhooks, self.engine.topics, now)
+        out.messages = await write_changes(conn, ch, where, self.engine.snap.webhooks, self.engine.topics, now)
         out.seconds = time.perf_counter() - started
         return out
 

@@ -502,3 +502,30 @@ def test_a_rule_change_committed_before_the_no_data_sweep_writes_leaves_no_alert
                        "WHERE o.slug = $1", unique) == []
     finally:
         org.close()
+
+
+# -- alert messages: from memory after the commit, the drain for the rest ---------------------
+
+def test_the_drain_publishes_due_outbox_rows_and_leaves_leased_ones(stack: Stack, unique: str) -> None:
+    """Rows due at once (the API's) and rows whose lease ran out (a bridge died before the
+    broker acknowledged them) go out through the drain and are deleted; a row still leased
+    (another bridge is publishing it from memory) is left to that bridge."""
+    s = stack
+    s.create_device(unique, "d")
+    watch = AlertWatch(s, unique)
+    try:
+        ids = [r["id"] for r in s.query(
+            """INSERT INTO mqtt_outbox (topic, payload, publish_after)
+               SELECT 'lms/' || $1 || '/d/alerts', convert_to(u.body, 'UTF8'), now() + u.lease * interval '1 second'
+               FROM unnest($2::text[], $3::int[]) AS u(body, lease) ORDER BY u.lease RETURNING id""",
+            unique, ['{"n": "expired"}', '{"n": "api"}', '{"n": "leased"}'], [-60, 0, 3600])]
+        got = wait_until(lambda: len(watch.messages) == 2 and watch.messages, 10, "the two due messages")
+        assert sorted(p["n"] for _, p in got) == ["api", "expired"]
+        remaining = wait_until(
+            lambda: (r := s.query("SELECT id FROM mqtt_outbox WHERE id = ANY($1)", ids)) and len(r) == 1 and r,
+            10, "the published rows to be deleted")
+        assert remaining[0]["id"] == ids[2]
+        assert len(watch.messages) == 2
+    finally:
+        s.query("DELETE FROM mqtt_outbox WHERE topic LIKE $1", f"lms/{unique}/%")
+        watch.stop()
