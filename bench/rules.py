@@ -223,7 +223,7 @@ def main() -> int:
                 v = v.get(p) if isinstance(v, dict) else None
             if v is not None:
                 vals.append(float(v))
-        return statistics.median(vals) if vals else None
+        return round(statistics.median(vals), 1) if vals else None
 
     base_drain, base_live = med(counts[0], "drain", "msg_per_s_from_connect"), med(counts[0], "live", "msg_per_s")
     lines = ["", "## Rules benchmark", "",
