@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from time import time as _now  # a global, not an attribute, read once per message
 
 import paho.mqtt.client as paho
@@ -54,6 +55,9 @@ class Ingest:
         self._backpressure = False
         #: A command result is buffered: commit without waiting for the batch to fill.
         self._urgent = False
+        #: Called on a reconnection to a broker that kept no session for the bridge
+        #: (bridge/restore.py).
+        self.on_state_lost: Callable[[], None] | None = None
         # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
         self.max_buffer = max(4 * self.batch_size, 10_000)
         # MQTT 3.1.1: paho's 3.1.1 path measured ~2x faster than its MQTT 5 path here,
@@ -97,6 +101,12 @@ class Ingest:
 
     def _on_connect(self, session_present: bool) -> None:
         self.metrics.connected.set(1)
+        if not session_present and self.mqtt.generation > 1 and self.on_state_lost is not None:
+            # A reconnection, and the broker kept no session for us: it lost its state, and
+            # the retained messages the platform put there with it (the first connection
+            # follows the reconcile at start, which published them).
+            log.warning("the broker kept no session for the bridge: it lost its state")
+            self.on_state_lost()
         # Subscribing again on every connection is harmless when the session kept the
         # subscription and repairs it when the broker lost its state.
         self._connected.set()
