@@ -117,6 +117,8 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         rules.on_outbox = outbox.publish
         restorer = ConfigRestorer(settings, pool)
         ingest.on_state_lost = restorer.broker_lost_state
+        notifier = Notifier(settings.alerts, notify_pool, metrics.registry)
+        rules.on_deliveries = notifier.wake
         log.info("bridge %s ingesting", settings.bridge.client_id)
         try:
             # The tasks the bridge owns: one failing stops the others, and the group is
@@ -131,8 +133,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
                 ]
                 # The webhook sender returns by itself once stop is set; cancelled at shutdown, a
                 # request in flight is retried when its lease runs out (bridge/notify.py).
-                helpers.append(tasks.create_task(Notifier(settings.alerts, notify_pool, metrics.registry).run(stop),
-                                                 name="webhook sender"))
+                helpers.append(tasks.create_task(notifier.run(stop), name="webhook sender"))
                 try:
                     await ingest.run(stop)
                 finally:

@@ -356,6 +356,7 @@ class Evaluated:
     #: The alert messages written to ``mqtt_outbox``: (row id, topic, payload), leased to
     #: this bridge (bridge/outbox.py), published from memory once committed.
     messages: list[OutboxMessage] = field(default_factory=list)
+    deliveries: int = 0  # webhook deliveries queued
     late: int = 0
     seconds: float = 0.0
     #: (rule, device) -> receipt time written as last_seen_at (kept once committed).
@@ -367,11 +368,12 @@ _encode = msgspec.json.Encoder().encode
 
 async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, tuple[str, str]],
                         webhooks: dict[int, list[tuple[int, frozenset[str]]]], topics: TopicScheme,
-                        evaluated_at: datetime) -> list[OutboxMessage]:
+                        evaluated_at: datetime) -> tuple[list[OutboxMessage], int]:
     """Write the alert changes ``ch`` and their notifications in the caller's transaction;
     ``where``: device id -> (org slug, device slug). New alerts must have their ids.
     Returns the alert messages written, their ``mqtt_outbox`` rows leased to this bridge
-    for :data:`bridge.outbox.LEASE_S` (it publishes them itself once committed)."""
+    for :data:`bridge.outbox.LEASE_S` (it publishes them itself once committed), and how
+    many webhook deliveries were queued."""
     if ch.resolved:
         # Resolutions first: a pair whose old alert resolves and whose new one fires in the
         # same evaluation must never hold two firing rows (alerts_one_firing).
@@ -454,7 +456,7 @@ async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, 
             """INSERT INTO webhook_deliveries (webhook_id, alert_id, body)
                SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])""",
             hook_ids, hook_alerts, hook_bodies)
-    return written
+    return written, len(hook_ids)
 
 
 async def allocate_ids(conn: asyncpg.Connection, new: Sequence[NewAlert]) -> None:
@@ -528,6 +530,8 @@ class RuleEngine:
         self.snap = Snapshot()
         #: Called with the alert messages a commit wrote (bridge/outbox.py publishes them).
         self.on_outbox: Callable[[list[OutboxMessage]], None] | None = None
+        #: Called after a commit that queued webhook deliveries (the sender's wake-up).
+        self.on_deliveries: Callable[[], None] | None = None
         self._seen_written: dict[tuple[int, int], float] = {}
         self._lock = asyncio.Lock()
 
@@ -653,7 +657,7 @@ class RuleEngine:
              a.id if isinstance(a, NewAlert) else a, None if cu is None else _dt(cu), ls)
             for r, d, lt, si, a, cu, ls in states])
         where = {d: (devices[d].org, devices[d].slug) for _, d in keys if d in devices}
-        out.messages = await write_changes(conn, ch, where, snap.webhooks, self.topics, now)
+        out.messages, out.deliveries = await write_changes(conn, ch, where, snap.webhooks, self.topics, now)
         out.fired = len(ch.new)
         out.resolved = sum(1 for state, _ in ch.events if state == "resolved")
         out.seconds = time.perf_counter() - started
@@ -717,13 +721,15 @@ class RuleEngine:
 
     def committed(self, ev: Evaluated | None) -> None:
         """After the batch's commit: count, remember what was written, hand the alert
-        messages to the outbox."""
+        messages to the outbox, wake the webhook sender."""
         if ev is None:
             return
         self._seen_written.update(ev.seen_written)
         self.metrics.rules_evaluated(ev)
         if ev.messages and self.on_outbox is not None:
             self.on_outbox(ev.messages)
+        if ev.deliveries and self.on_deliveries is not None:
+            self.on_deliveries()
 
 
 # -- the no-data / offline sweep ------------------------------------------------------------
@@ -875,7 +881,8 @@ class RuleSweeper:
             "SELECT d.id, o.slug AS org, d.slug FROM devices d JOIN organizations o ON o.id = d.org_id "
             "WHERE d.id = ANY($1::bigint[])", list({k[1] for k in keys}))}
         out = Evaluated(fired=len(ch.new), resolved=sum(1 for s, _ in ch.events if s == "resolved"))
-        out.messages = await write_changes(conn, ch, where, self.engine.snap.webhooks, self.engine.topics, now)
+        out.messages, out.deliveries = await write_changes(conn, ch, where, self.engine.snap.webhooks,
+                                                           self.engine.topics, now)
         out.seconds = time.perf_counter() - started
         return out
 
