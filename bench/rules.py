@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,7 +50,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import BenchError, say
 from bench.ingest import RESULTS, ROWS_PER_MSG, Bench, wait_stored
-from tests.harness import Device, stop_client, wait_until
+from tests.harness import BridgeProcess, Device, stop_client, wait_until
 
 ORG = "bench"
 BENCH_METRICS = ("temp", "hum", "bat")
@@ -126,6 +128,22 @@ def pct(values: list[float], q: float) -> float | None:
     return round(v[min(len(v) - 1, int(q * len(v)))] * 1000, 1)
 
 
+def commit_times(b: BridgeProcess) -> dict[str, Any]:
+    """The bridge's batches so far: how many, their mean write-and-commit time, and how many
+    took longer than 100 ms (lms_bridge_flush_seconds) - what a slow disk adds to a latency."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+
+    def value(series: str) -> float:
+        m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    count = value("lms_bridge_flush_seconds_count")
+    return {"batches": int(count),
+            "commit_mean_ms": round(1000 * value("lms_bridge_flush_seconds_sum") / count, 1) if count else None,
+            "commits_over_100ms": int(count - value('lms_bridge_flush_seconds_bucket{le="0.1"}'))}
+
+
 #: Between a probe's crossing and its resolving message, and between probes (seconds).
 PROBE_GAP_S = 0.1
 #: The load runs this long before the first probe and after the last (seconds).
@@ -153,6 +171,7 @@ def latency_phase(bench: Bench, label: str, probes: int, rate: float) -> dict[st
         bench.rows_expected += n * ROWS_PER_MSG + 2 * probes
         wait_until(lambda: len(probe.received) >= probes, 30, "the probe's alert messages")
         rows = s.query("SELECT fired_at, fired_evaluated_at FROM alerts WHERE rule_id = $1", rule)
+        commits = commit_times(b)
     finally:
         probe.close()
         b.stop()
@@ -164,7 +183,7 @@ def latency_phase(bench: Bench, label: str, probes: int, rate: float) -> dict[st
     if len(rows) != probes:
         raise BenchError(f"{label}: {len(rows)} probe alerts for {probes} crossings")
     return {"probes": probes, "load_msg_per_s": round(rate), "load_published_msg_per_s": load["msg_per_s"],
-            "load_lag_s": round(w["last_t"] - (pubs.t0 + load["wall_s"]), 3),
+            "load_lag_s": round(w["last_t"] - (pubs.t0 + load["wall_s"]), 3), **commits,
             "to_row_p50_ms": pct(to_row, 0.5), "to_row_p99_ms": pct(to_row, 0.99),
             "to_message_p50_ms": pct(to_msg, 0.5), "to_message_p99_ms": pct(to_msg, 0.99)}
 
