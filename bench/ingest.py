@@ -119,7 +119,7 @@ class Publishers:
     """One compiled publisher process per device, each in its own waiter thread."""
 
     def __init__(self, pub: Path, port: int, creds: list[Any], count: int, window: int,
-                 ts_starts: list[int], timeout: float) -> None:
+                 ts_starts: list[int], timeout: float, rate: float = 0) -> None:
         self.count = count
         self.timeout = timeout
         self.t0 = time.monotonic()
@@ -129,7 +129,7 @@ class Publishers:
         self.errors: list[str] = []
         for c, ts in zip(creds, ts_starts, strict=True):
             args = [str(pub), "127.0.0.1", str(port), c.username, c.password, c.client_id,
-                    f"{c.topic_prefix}/telemetry", str(count), str(window), str(ts)]
+                    f"{c.topic_prefix}/telemetry", str(count), str(window), str(ts), str(rate)]
             self.procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         self.threads = [threading.Thread(target=self._wait, args=(i,), daemon=True) for i in range(len(creds))]
         for t in self.threads:
@@ -350,22 +350,28 @@ class Bench:
     def timeout_for(self, messages: int) -> float:
         return max(120.0, messages / 300)  # a 300 msg/s floor: anything slower is a failure anyway
 
-    def ts_starts(self) -> list[int]:
-        """Fresh, non-overlapping timestamp ranges, one per device (1 ms per message)."""
+    def ts_starts(self, count: int | None = None) -> list[int]:
+        """Fresh, non-overlapping timestamp ranges of ``count`` (default ``--messages``)
+        messages, one per device (1 ms per message)."""
+        blocks = -(-(count or self.args.messages) // self.args.messages)
         starts = []
         for _ in self.creds:
             starts.append(self.ts_base + self.ts_block * self.args.messages)
-            self.ts_block += 1
-        if starts[-1] + self.args.messages > int(time.time() * 1000) - 86400 * 1000:
+            self.ts_block += blocks
+        if starts[-1] + blocks * self.args.messages > int(time.time() * 1000) - 86400 * 1000:
             raise BenchError("timestamp ranges would leave the 20-days-ago band; use fewer messages/repeats")
         return starts
 
-    def publish(self, label: str) -> Publishers:
+    def publish(self, label: str, count: int | None = None, rate: float = 0) -> Publishers:
+        """Start one publisher per device, ``count`` messages each (default ``--messages``),
+        ``rate`` msg/s in all (0: as fast as they can)."""
         assert self.pub is not None
-        p = Publishers(self.pub, self.stack.mq.port, self.creds, self.args.messages, self.args.window,
-                       self.ts_starts(), self.timeout_for(self.per_phase))
+        count = count or self.args.messages
+        p = Publishers(self.pub, self.stack.mq.port, self.creds, count, self.args.window, self.ts_starts(count),
+                       self.timeout_for(count * len(self.creds)), rate / len(self.creds))
         self.live_children.append(p)
-        say(f"  {label}: {len(self.creds)} publishers x {self.args.messages:,} messages started")
+        paced = f" at {rate:,.0f} msg/s in all" if rate else ""
+        say(f"  {label}: {len(self.creds)} publishers x {count:,} messages started{paced}")
         return p
 
     def setup(self) -> None:

@@ -453,6 +453,16 @@ class Provisioner:
         counts["config_restored"], counts["config_cleared"] = await self._restore_config(conn)
         return counts
 
+    async def restore_config(self) -> tuple[int, int]:
+        """The configuration part of :meth:`reconcile` alone: publish every device's desired
+        configuration again, retained, and clear deleted ones; return (published, cleared).
+        For a broker that lost its retained messages while the platform runs (the bridge
+        calls it after a reconnection without its session). Needs no reconcile lock: each
+        group is read under its rows' share locks (below), which is what orders it against
+        the API's config changes and device deletions."""
+        async with self.pool.acquire() as conn:
+            return await self._restore_config(conn)
+
     async def _restore_config(self, conn: asyncpg.Connection) -> tuple[int, int]:
         """Publish each device's desired configuration retained on its ``config`` topic, and
         clear it where the desired configuration was deleted; return (published, cleared).
