@@ -165,7 +165,8 @@ class BridgeSettings(msgspec.Struct, frozen=True):
         "LMS_BRIDGE_BATCH_SIZE", "flush after this many messages (or `LMS_BRIDGE_FLUSH_MS`, whichever first)",
         ge=1, le=100_000)] = 2000
     flush_ms: Annotated[int, setting(
-        "LMS_BRIDGE_FLUSH_MS", "flush after this many milliseconds (or `LMS_BRIDGE_BATCH_SIZE` messages)",
+        "LMS_BRIDGE_FLUSH_MS", "a partial batch is committed once its oldest message has waited this many ms "
+        "(or at `LMS_BRIDGE_BATCH_SIZE` messages)",
         ge=1, le=60_000)] = 50
     metrics_port: Annotated[int, setting(
         "LMS_BRIDGE_METRICS_PORT", "Prometheus metrics port of the bridge (0 turns it off)", ge=0, le=65535)] = 9101
