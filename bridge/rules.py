@@ -58,7 +58,7 @@ import msgspec
 
 from bridge.metrics import BridgeMetrics
 from bridge.outbox import LEASE_S, OutboxMessage
-from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message, webhook_event
+from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message, webhook_event, write_notifications
 from lms_core.db import translate
 from lms_core.errors import DatabaseUnavailable, StorageError
 from lms_core.topics import TopicScheme
@@ -783,6 +783,8 @@ class RuleSweeper:
         self.engine = engine
         self.metrics = metrics
         self.interval = interval
+        #: rules_version when the firing alerts were last checked against their scopes
+        self._scope_checked: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep every interval until ``stop``. A failed sweep is logged and tried again at
@@ -790,6 +792,7 @@ class RuleSweeper:
         while not stop.is_set():
             try:
                 await self.sweep()
+                await self.left_scope()
             except DatabaseUnavailable as exc:
                 log.warning("rule sweep failed (%s); retrying", exc)
             except StorageError:
@@ -822,6 +825,50 @@ class RuleSweeper:
         if ev is not None:
             self.engine.committed(ev)
         return ev
+
+    async def left_scope(self) -> int:
+        """Resolve the firing alerts of devices no longer in their rule's scope (a tag
+        removed, a device taken off an asset): no batch evaluates such a pair again, so
+        nothing else would. Looked for only when ``rules_version`` moved (every change of
+        tags, assets and rules bumps it); returns how many were resolved."""
+        try:
+            async with self.pool.acquire() as conn:
+                version = await conn.fetchval("SELECT n FROM rules_version")
+                if version == self._scope_checked:
+                    return 0
+                async with conn.transaction():
+                    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+                        return 0
+                    found = await conn.fetch(LEFT_SCOPE_SQL)
+                    resolved: list[int] = []
+                    if found:
+                        # Rule, then its state rows, as every other writer of them (lock_rules).
+                        await lock_rules(conn, {r["rule_id"] for r in found})
+                        keys = sorted((r["rule_id"], r["device_id"]) for r in found)
+                        rows = await conn.fetch(
+                            LEFT_SCOPE_SQL + """ AND (s.rule_id, s.device_id) IN
+                                   (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
+                               ORDER BY s.rule_id, s.device_id FOR UPDATE OF s""",
+                            [k[0] for k in keys], [k[1] for k in keys])
+                        resolved = [r["alert_id"] for r in rows]
+                        if resolved:
+                            await conn.execute(
+                                """UPDATE alerts SET state = 'resolved', resolved_at = now(),
+                                          resolved_evaluated_at = now(), resolved_reason = $2
+                                   WHERE id = ANY($1::bigint[]) AND state = 'firing'""",
+                                resolved, "device left the rule's scope")
+                            await conn.execute(
+                                """DELETE FROM rule_state s USING unnest($1::bigint[], $2::bigint[]) AS u(r, d)
+                                   WHERE s.rule_id = u.r AND s.device_id = u.d""",
+                                [r["rule_id"] for r in rows], [r["device_id"] for r in rows])
+                            await write_notifications(conn, resolved, self.engine.topics)
+                self._scope_checked = version
+        except Exception as exc:
+            raise translate(exc) from exc
+        if resolved:
+            self.metrics.alerts_resolved.inc(len(resolved))
+            log.info("resolved %d alert(s) of devices that left their rule's scope", len(resolved))
+        return len(resolved)
 
     @staticmethod
     async def _offline_firing(conn: asyncpg.Connection) -> bool:
@@ -902,6 +949,16 @@ class RuleSweeper:
 
 
 _SECOND = timedelta(seconds=1)
+
+#: Firing alerts whose device is no longer in its rule's scope (RuleSweeper.left_scope).
+LEFT_SCOPE_SQL = """SELECT s.rule_id, s.device_id, s.alert_id FROM rule_state s
+    JOIN alert_rules r ON r.id = s.rule_id JOIN devices d ON d.id = s.device_id
+    WHERE s.alert_id IS NOT NULL AND NOT (
+        (r.scope_kind = 'org' AND d.org_id = r.org_id)
+        OR (r.scope_kind = 'device' AND d.id = r.scope_device_id)
+        OR (r.scope_kind = 'tag' AND d.org_id = r.org_id AND r.scope_tag = ANY (d.tags))
+        OR (r.scope_kind = 'asset' AND EXISTS (SELECT 1 FROM device_assets a
+                                               WHERE a.asset_id = r.scope_asset_id AND a.device_id = d.id)))"""
 
 #: Both cache counters in one round trip (the store reads them before each batch).
 VERSIONS_SQL = "SELECT (SELECT n FROM rules_version), (SELECT n FROM device_directory_version)"
