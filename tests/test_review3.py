@@ -198,3 +198,28 @@ def test_lms_simulate_refuses_bad_arguments_in_one_line(stack: Stack, unique: st
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("lms simulate: error: "), \
         r.stderr  # argparse's usage, then one line saying what is wrong
     assert not stack.query("SELECT 1 FROM organizations WHERE slug = $1", unique)
+
+
+# -- firmware: a connection attempt failing in a way the code did not list ------------------
+
+def test_a_connect_failure_of_any_kind_waits_its_backoff_and_keeps_the_offline_buffer(
+        org: Org, tmp_root: Path) -> None:
+    """Device.connect caught only OSError and MQTTError. Anything else raised while
+    connecting - here the TLS set-up (``tls`` true without ``ca_file`` raises ValueError on
+    CPython); on a board without PSRAM a MemoryError in the TLS handshake - went up to the
+    main loop: no backoff (a new attempt every 220 ms, a hammering fleet), and for a
+    MemoryError the loop's handler dropped half of the offline buffer on every attempt."""
+    board = rest_board(org, tmp_root, "esp-1", interval_s=0.5, backoff_min_ms=1000, backoff_max_s=4)
+    cfg = json.loads((board.dir / "lms_config.json").read_text())
+    cfg["mqtt"]["tls"] = True
+    (board.dir / "lms_config.json").write_text(json.dumps(cfg))
+    board.start()
+    try:
+        board.wait_console("read ")
+        wait_until(lambda: len(board.readings()) >= 8, 10, "four seconds of readings")
+        console = board.console()
+        assert "loop error" not in console, console[-1500:]
+        attempts = console.count("MQTT connect failed")
+        assert 1 <= attempts <= 4, console[-1500:]
+    finally:
+        board.power_off()
