@@ -220,7 +220,16 @@ def _write_firmware_config(creds: Any, target: str) -> None:
         print(text, end="")
         return
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The mode of os.open applies only to a file it creates: an existing one is made
+        # owner-only before the password goes in, and a symlink is refused (in a shared
+        # folder it could point anywhere).
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+        except OSError:
+            os.close(fd)
+            raise
     except OSError as exc:
         raise StackError(f"cannot write {target}: {exc.strerror}; the password was not shown - "
                          f"`lms device rotate --firmware-config FILE` issues a new one") from None
@@ -381,6 +390,27 @@ def _slug(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device_prefix(value: str) -> str:
+    """A slug that still is one with ``-100000`` after it (the simulator's device slugs)."""
+    slug = _slug(value)
+    if len(slug) > 56:
+        raise argparse.ArgumentTypeError(f"at most 56 characters (device slugs add -NNNNN), got {len(slug)}")
+    return slug
+
+
+def _number_from(lo: float, hi: float, what: str) -> Any:
+    """An argparse type: a finite number from ``lo`` to ``hi`` (float() also takes nan and inf)."""
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not lo <= x <= hi:  # false for nan too
+            raise argparse.ArgumentTypeError(f"{what} must be {lo:g}-{hi:g}, got {value}")
+        return x
+    return parse
+
+
 def _display_name(value: str) -> str:
     if not 1 <= len(value) <= 200 or not value.isprintable():
         raise argparse.ArgumentTypeError("a name is 1-200 printable characters")
@@ -497,11 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate", type=_seconds, default=10.0, help="seconds between two readings of a device "
                                                                  "(default 10)")
     sim.add_argument("--org", type=_slug, default="sim", help="their organization (default sim; created if missing)")
-    sim.add_argument("--prefix", type=_slug, default="sim", help="device slugs PREFIX-00001 … (default sim)")
+    sim.add_argument("--prefix", type=_device_prefix, default="sim", help="device slugs PREFIX-00001 … (default sim)")
     sim.add_argument("--seconds", type=_seconds, help="stop after this long (default: on Ctrl-C)")
-    sim.add_argument("--spike-chance", type=float, default=0.0, help="chance per reading of a warm spell "
-                                                                     "(something for an alert rule)")
-    sim.add_argument("--connect-rate", type=float, default=500.0,
+    sim.add_argument("--spike-chance", type=_number_from(0, 1, "a chance"), default=0.0,
+                     help="chance per reading of a warm spell (something for an alert rule)")
+    sim.add_argument("--connect-rate", type=_number_from(0.1, 1_000_000, "connections per second"), default=500.0,
                      help="new connections per second at most, at start and after a broker restart (default 500)")
     sim.add_argument("--progress", type=_seconds, default=2.0, help="seconds between progress lines (default 2)")
     sim.set_defaults(fn=cmd_simulate)
