@@ -17,7 +17,11 @@ durable settings), interleaved so every path sees the same table growth:
 Prints rows/s of wall time and the client's CPU per row (the bridge's CPU is what limits
 its drain rate; PostgreSQL's is the rest of the wall time here).
 
-usage: .venv/bin/python bench/rollup_paths.py [--batches 40] [--devices 4]
+usage: .venv/bin/python bench/rollup_paths.py [--batches 40] [--devices 4] [--paths off,shipped]
+                                               [--time-index]
+
+--time-index adds an index on readings (device_id, time) first: run with and without it to
+see what that index costs every write path.
 """
 
 from __future__ import annotations
@@ -88,18 +92,21 @@ async def write(conn: asyncpg.Connection, path: str, rows: list[Any]) -> None:
             await conn.execute(_ARRAYS_SQL, *group(rows))  # timing only: not the exact aggregate
 
 
-async def run(url: str, batches: int, devices: int) -> dict[str, tuple[float, float]]:
+async def run(url: str, batches: int, devices: int, paths: tuple[str, ...],
+              time_index: bool) -> dict[str, tuple[float, float]]:
     conn = await asyncpg.connect(url)
     await migrations.migrate(conn)
+    if time_index:  # the index issue 12 asks about: is it worth its cost on ingest?
+        await conn.execute("CREATE INDEX readings_device_time ON readings (device_id, time)")
     await conn.execute("""CREATE TEMP TABLE readings_batch
         (time timestamptz, device_id bigint, metric text, value double precision, text_value text)
         ON COMMIT DELETE ROWS""")
     base = datetime.now(UTC) - timedelta(days=1)
-    wall = dict.fromkeys(PATHS, 0.0)
-    cpu = dict.fromkeys(PATHS, 0.0)
+    wall = dict.fromkeys(paths, 0.0)
+    cpu = dict.fromkeys(paths, 0.0)
     clock = [0] * devices
     for b in range(batches):
-        for path in PATHS:  # interleaved: the same table growth for every path
+        for path in paths:  # interleaved: the same table growth for every path
             rows = []
             for i in range(2000):
                 dev = i % devices
@@ -115,21 +122,26 @@ async def run(url: str, batches: int, devices: int) -> dict[str, tuple[float, fl
             print(f"  {b + 1} batches per path", flush=True)
     await conn.close()
     n = batches * 6000
-    return {p: (n / wall[p], cpu[p] / n * 1e9) for p in PATHS}
+    return {p: (n / wall[p], cpu[p] / n * 1e9) for p in paths}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--devices", type=int, default=4)
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
+    ap.add_argument("--time-index", action="store_true", help="with an index on readings (device_id, time)")
     args = ap.parse_args()
+    paths = tuple(args.paths.split(","))
+    if not set(paths) <= set(PATHS):
+        ap.error(f"--paths: choose from {', '.join(PATHS)}")
     root = Path(tempfile.mkdtemp(prefix="lms-bench-rollup-"))
     pg = Postgres(root / "pg", free_port(), new_password())
     try:
         pg.init()
         pg.start()
         pg.create_database()
-        rates = asyncio.run(run(pg.url, args.batches, args.devices))
+        rates = asyncio.run(run(pg.url, args.batches, args.devices, paths, args.time_index))
     finally:
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
