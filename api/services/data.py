@@ -160,22 +160,26 @@ AGGREGATE_SQL = """
 #: each rollup row inside one requested bucket. Buckets of ($3 wide from $2) for device $1
 #: and metrics $4. avg is the sum over the count of numeric readings; count counts text
 #: readings too, and last is the value of the newest reading (NULL if it is text), as in
-#: AGGREGATE_SQL.
+#: AGGREGATE_SQL. Each piece is its own index range scan (``OFFSET 0`` keeps the subqueries from
+#: being flattened into a join, whose generic plan read the device's whole history per piece).
 ROLLUP_AGGREGATE_SQL = """
     WITH parts AS (
         SELECT date_bin($3::interval, r.bucket, $2) AS bucket, r.metric, r.n, r.nv, r.sum, r.min, r.max,
                r.last_time, r.last_value
-        FROM unnest($7::timestamptz[], $8::timestamptz[]) AS p(lo, hi)
-        JOIN readings_1h r ON r.device_id = $1 AND r.metric = ANY ($4::text[]) AND r.bucket >= p.lo AND r.bucket < p.hi
+        FROM unnest($7::timestamptz[], $8::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT * FROM readings_1h WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
         UNION ALL
         SELECT date_bin($3::interval, r.bucket, $2), r.metric, r.n, r.nv, r.sum, r.min, r.max, r.last_time, r.last_value
-        FROM unnest($5::timestamptz[], $6::timestamptz[]) AS p(lo, hi)
-        JOIN readings_1m r ON r.device_id = $1 AND r.metric = ANY ($4::text[]) AND r.bucket >= p.lo AND r.bucket < p.hi
+        FROM unnest($5::timestamptz[], $6::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT * FROM readings_1m WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
         UNION ALL
         SELECT date_bin($3::interval, r.time, $2), r.metric, 1, (r.value IS NOT NULL)::integer, coalesce(r.value, 0),
                r.value, r.value, r.time, r.value
-        FROM unnest($9::timestamptz[], $10::timestamptz[]) AS p(lo, hi)
-        JOIN readings r ON r.device_id = $1 AND r.metric = ANY ($4::text[]) AND r.time >= p.lo AND r.time < p.hi)
+        FROM unnest($9::timestamptz[], $10::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT time, metric, value FROM readings WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND time >= p.lo AND time < p.hi OFFSET 0) r)
     SELECT bucket, metric, sum(sum) / nullif(sum(nv), 0)::float8 AS avg, min(min) AS min, max(max) AS max,
            sum(n)::bigint AS count, (array_agg(last_value ORDER BY last_time DESC))[1] AS last
     FROM parts GROUP BY 1, 2 ORDER BY 1, 2"""
