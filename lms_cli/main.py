@@ -108,7 +108,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_rollups(args: argparse.Namespace) -> int:
-    """Build the rollups of readings stored before migration 0008 (or after a bridge ran with
+    """Build the rollups of readings stored before migration 0009 (or after a bridge ran with
     LMS_BRIDGE_ROLLUPS=off); safe while bridges and the API run (lms_core/rollups.py)."""
     from lms_core import db, rollups
 
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_settings)
 
     sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
-    ro = sub.add_parser("rollups", help="rollups of readings (migration 0008)")
+    ro = sub.add_parser("rollups", help="rollups of readings (migration 0009)")
     rsub = ro.add_subparsers(dest="action", required=True)
     rb = rsub.add_parser("backfill", help="build the rollups of every stored reading, slice by slice, with "
                          "progress; safe on a live system once every bridge runs this version")

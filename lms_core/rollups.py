@@ -1,5 +1,5 @@
 """Rollups of readings: per (device, metric), 1-minute and 1-hour buckets of count, sum,
-min, max and the newest value (migration 0008). What writes them, what reads them, and why
+min, max and the newest value (migration 0009). What writes them, what reads them, and why
 they stay equal to the aggregate of the raw rows:
 
 - The bridge adds the rows it *actually inserted* to them in the batch's own transaction
@@ -34,7 +34,7 @@ from typing import Any
 import asyncpg
 
 #: Advisory lock (pg_advisory_xact_lock*) that writers of rollups hold shared and the backfill
-#: exclusively. Also written, as a number, in migrations/0008_rollups.sql.
+#: exclusively. Also written, as a number, in migrations/0009_rollups.sql.
 LOCK_KEY = 0x4C4D5304
 #: Rollup resolutions in seconds, coarsest first, and their tables.
 RESOLUTIONS: tuple[int, ...] = (3600, 60)
@@ -109,7 +109,7 @@ async def purge_device(conn: asyncpg.Connection, where: str, *args: Any) -> None
 
 
 async def complete(conn: Any) -> bool:
-    """Whether the rollups hold every stored reading (``rollup_state``, migration 0008)."""
+    """Whether the rollups hold every stored reading (``rollup_state``, migration 0009)."""
     return bool(await conn.fetchval("SELECT complete_at IS NOT NULL FROM rollup_state"))
 
 
