@@ -383,14 +383,15 @@ class Bench:
 
     # bridge ----------------------------------------------------------------------------
 
-    def bridge_phases(self, rep: int) -> dict[str, Any]:
+    def bridge_phases(self, rep: int, rollups: bool = True) -> dict[str, Any]:
         n = self.per_phase
-        res: dict[str, Any] = {}
-        say(f"[{rep}] bridge drain: start the bridge once (session + subscription), stop it")
-        b = self.stack.start_bridge(BRIDGE_CLIENT_ID)
+        res: dict[str, Any] = {"rollups": rollups}
+        rep_label = f"{rep}, rollups {'on' if rollups else 'off'}"
+        say(f"[{rep_label}] bridge drain: start the bridge once (session + subscription), stop it")
+        b = self.stack.start_bridge(BRIDGE_CLIENT_ID, LMS_BRIDGE_ROLLUPS="on" if rollups else "off")
         if b.stop() != 0:
             raise BenchError(f"bridge exited with {b.proc.returncode if b.proc else '?'} on SIGTERM")
-        pubs = self.publish(f"[{rep}] bridge drain: backlog")
+        pubs = self.publish(f"[{rep_label}] bridge drain: backlog")
         res["drain_publishers"] = pubs.wait()
         say(f"  backlog of {n:,} messages queued in {res['drain_publishers']['wall_s']} s "
             f"({res['drain_publishers']['msg_per_s']:,.0f} msg/s); restarting the bridge")
@@ -400,7 +401,7 @@ class Bench:
         t_start = time.monotonic()
         b.start(wait=False)
         meter.bridge = b
-        w = wait_stored(b, n, self.timeout_for(n), f"[{rep}] bridge drain")
+        w = wait_stored(b, n, self.timeout_for(n), f"[{rep_label}] bridge drain")
         cpu = meter.stop(bridge_started_in_phase=True)
         lt = log_times(b, offset)
         rss_drain = bridge_rss(b)
@@ -428,11 +429,11 @@ class Bench:
             f"({d['msg_per_s_from_process_start']:,.0f} msg/s), {d['from_mqtt_connect_s']} s from MQTT connect "
             f"({d['msg_per_s_from_connect']:,.0f} msg/s), steady {fmt(d['msg_per_s_steady'])} msg/s; cpu {cpu}")
 
-        say(f"[{rep}] bridge live: publishers and bridge together")
+        say(f"[{rep_label}] bridge live: publishers and bridge together")
         base = bridge_stored(b) or 0.0
         meter = CpuMeter(self.stack, b)
-        pubs = self.publish(f"[{rep}] bridge live")
-        w = wait_stored(b, base + n, self.timeout_for(n), f"[{rep}] bridge live", base, pubs)
+        pubs = self.publish(f"[{rep_label}] bridge live")
+        w = wait_stored(b, base + n, self.timeout_for(n), f"[{rep_label}] bridge live", base, pubs)
         cpu = meter.stop()
         res["live_publishers"] = pubs.wait()
         t_last = w["last_t"]
@@ -617,6 +618,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     s["live"] = {"bridge": pick("bridge", "live", "msg_per_s"), "bare": pick("bare", "live", "msg_per_s")}
     s["live_publishers"] = {"bridge": pick("bridge", "live_publishers", "msg_per_s"),
                             "bare": pick("bare", "live_publishers", "msg_per_s")}
+    if all("bridge_off" in r for r in runs):
+        s["rollups_off"] = {k: pick("bridge_off", *path) for k, path in (
+            ("drain_from_process_start", ("drain", "msg_per_s_from_process_start")),
+            ("drain_from_connect", ("drain", "msg_per_s_from_connect")),
+            ("drain_steady", ("drain", "msg_per_s_steady")), ("live", ("live", "msg_per_s")))}
     s["bridge_peak_rss_kb"] = max(r["bridge"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_drain_peak_rss_kb"] = max(r["bridge"]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_startup_to_connect_s"] = pick("bridge", "drain", "bridge_startup_to_connect_s")
@@ -649,6 +655,19 @@ def table(s: dict[str, Any], n: int, repeat: int) -> str:
         row("live, from publishers' start to last commit / last message", s["live"]["bridge"], s["live"]["bare"],
             f"{lp['bridge']:,.0f}", f"{lp['bare']:,.0f}"),
     ]
+    off = s.get("rollups_off")
+    if off:
+        on = {"drain_from_process_start": s["drain_from_process_start"]["bridge"],
+              "drain_from_connect": s["drain_from_connect"]["bridge"], "drain_steady": s["drain_steady"]["bridge"],
+              "live": s["live"]["bridge"]}
+        lines += ["", "The bridge with rollups on (as it ships) against LMS_BRIDGE_ROLLUPS=off, same run:", "",
+                  "| phase | rollups on msg/s | rollups off msg/s | on / off |", "|---|---:|---:|---:|"]
+        for k, label in (("drain_from_process_start", "drain, from process start"),
+                         ("drain_from_connect", "drain, from MQTT connect"), ("drain_steady", "drain, steady"),
+                         ("live", "live")):
+            a, b = on[k], off[k]
+            lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | "
+                         f"{'n/a' if a is None or b is None else f'{a / b:.3f}'} |")
     return "\n".join(lines)
 
 
@@ -659,6 +678,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run each phase N times, report medians (default 1)")
     ap.add_argument("--window", type=int, default=500, help="publisher in-flight window (default 500)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) after the run")
+    ap.add_argument("--rollups-only", action="store_true",
+                    help="skip the bridge phases with rollups off (LMS_BRIDGE_ROLLUPS=off)")
     args = ap.parse_args()
     if args.messages < 1 or args.devices < 1 or args.repeat < 1 or args.window < 1:
         ap.error("all numbers must be positive")
@@ -681,7 +702,12 @@ def main() -> int:
         bench.setup()
         info = machine_info(bench.stack)
         for rep in range(1, args.repeat + 1):
-            runs.append({"bridge": bench.bridge_phases(rep), "bare": bench.bare_phases(rep)})
+            run: dict[str, Any] = {}
+            # Rollups on and off back to back, in alternating order, so drift hits both alike.
+            for rollups in ((True, False) if rep % 2 else (False, True))[:1 if args.rollups_only else 2]:
+                run["bridge" if rollups else "bridge_off"] = bench.bridge_phases(rep, rollups)
+            run["bare"] = bench.bare_phases(rep)
+            runs.append(run)
         ok = True
     except (BenchError, AssertionError) as exc:
         say(f"FAILED: {exc}")

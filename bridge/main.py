@@ -109,7 +109,11 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         log.info("broker reconciled with the database: %s", counts)
         topics = TopicScheme(settings.topic_root)
         rules = RuleEngine(topics, metrics)
-        store = Store(pool, TelemetryDecoder(settings.limits), topics, metrics, rules)
+        if not settings.bridge.rollups:
+            # Readings this bridge writes will be missing from them: the API must not use them.
+            await pool.execute("UPDATE rollup_state SET complete_at = NULL")
+            log.warning("LMS_BRIDGE_ROLLUPS=off: rollups marked incomplete until `lms rollups backfill`")
+        store = Store(pool, TelemetryDecoder(settings.limits), topics, metrics, rules, rollups=settings.bridge.rollups)
         ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
         # Alert messages go out on the ingest's own connection (the platform account), right
         # after the commit that wrote them.

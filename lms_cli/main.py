@@ -88,19 +88,41 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from lms_core import db, migrations
+    from lms_core import db, migrations, rollups
 
     settings = _settings(require_secret=False)  # migrations sign and derive nothing
 
-    async def main() -> list[Any]:
+    async def main() -> tuple[list[Any], bool]:
         conn = await db.connect(settings.database_url)
         try:
-            return await migrations.migrate(conn, progress=lambda m: print(m, flush=True))
+            done = await migrations.migrate(conn, progress=lambda m: print(m, flush=True))
+            return done, await rollups.complete(conn)
         finally:
             await conn.close()
 
-    done = asyncio.run(main())
+    done, complete = asyncio.run(main())
     print(f"{len(done)} migration(s) applied; schema is up to date")
+    if not complete:
+        print("the rollups of readings are incomplete: once every bridge runs this version, run "
+              "`lms rollups backfill` (safe while the platform runs); until then charts read raw rows")
+    return 0
+
+
+def cmd_rollups(args: argparse.Namespace) -> int:
+    """Build the rollups of readings stored before migration 0009 (or after a bridge ran with
+    LMS_BRIDGE_ROLLUPS=off); safe while bridges and the API run (lms_core/rollups.py)."""
+    from lms_core import db, rollups
+
+    settings = _settings(require_secret=False)
+
+    async def main() -> int:
+        conn = await db.connect(settings.database_url)
+        try:
+            return await rollups.backfill(conn, progress=lambda m: print(m, flush=True), slice_rows=args.slice_rows)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
     return 0
 
 
@@ -497,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_settings)
 
     sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
+    ro = sub.add_parser("rollups", help="rollups of readings (migration 0009)")
+    rsub = ro.add_subparsers(dest="action", required=True)
+    rb = rsub.add_parser("backfill", help="build the rollups of every stored reading, slice by slice, with "
+                         "progress; safe on a live system once every bridge runs this version")
+    rb.add_argument("--slice-rows", type=int, default=50_000, help="readings per transaction (default 50000)")
+    rb.set_defaults(fn=cmd_rollups)
     sub.add_parser("bridge", help="run one bridge process (LMS_DATABASE_URL, LMS_MQTT_URL)").set_defaults(
         fn=cmd_bridge)
     sub.add_parser("api", help="run one API process (LMS_API_HOST:LMS_API_PORT)").set_defaults(fn=cmd_api)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
+from lms_core import rollups
 from lms_core.broker import (
     DEVICE_ROLE_PREFIX,
     PLATFORM_ROLE,
@@ -307,7 +308,7 @@ class Provisioner:
             if dev_id is None:
                 raise NotFound(f"device {org}/{device} does not exist")
             if purge:
-                await conn.execute("DELETE FROM readings WHERE device_id = $1", dev_id)
+                await rollups.purge_device(conn, "= $1", dev_id)
                 await conn.execute("DELETE FROM events WHERE device_id = $1", dev_id)
             if record is not None:
                 await record(conn, device)
@@ -335,8 +336,7 @@ class Provisioner:
             devices = [r["slug"] for r in await conn.fetch("SELECT slug FROM devices WHERE org_id = $1", org_id)]
             techs = [r["username"] for r in await conn.fetch(
                 "SELECT username FROM mqtt_credentials WHERE org_id = $1", org_id)]
-            await conn.execute("DELETE FROM readings WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
-                               org_id)
+            await rollups.purge_device(conn, "IN (SELECT id FROM devices WHERE org_id = $1)", org_id)
             await conn.execute("DELETE FROM events WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
                                org_id)
             await conn.execute("DELETE FROM quarantine WHERE org_id = $1", org_id)

@@ -180,6 +180,12 @@ class BridgeSettings(msgspec.Struct, frozen=True):
     # 300 s: the broker plugin refuses such messages, so the sweep is defence in depth. Each
     # sweep also receives the live stream for about half a second (bridge/retained.py): at
     # 10 s that cost the bridge ~5% of its live throughput in bench/ingest.py, at 300 s ~0.2%.
+    # Off only to measure what rollups cost (bench/ingest.py): a bridge that does not maintain
+    # them marks them incomplete when it starts, and the aggregate endpoint then reads raw rows
+    # until `lms rollups backfill` has rebuilt them.
+    rollups: Annotated[bool, setting(
+        "LMS_BRIDGE_ROLLUPS", "maintain the 1-minute and 1-hour rollups of readings on ingest "
+        "(`off` marks them incomplete until `lms rollups backfill`)", words=("off", "on"))] = True
 
 
 class ApiSettings(msgspec.Struct, frozen=True):
