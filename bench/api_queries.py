@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import platform
 import re
@@ -58,6 +59,7 @@ import httpx
 
 from bench.common import CLK_TCK, BenchError, box_cpu, pct, proc_cpu, say, tree_cpu
 from lms_cli.localstack import find_pg_bin
+from lms_core import rollups
 from tests.harness import ApiProcess, Stack
 
 BENCH = Path(__file__).resolve().parent
@@ -261,23 +263,38 @@ class Bench:
     def queries(self) -> list[dict[str, Any]]:
         base = f"/api/v1/orgs/{ORG}/devices/{MAIN}"
 
-        def agg(metric: str | None) -> Any:
-            def params() -> dict[str, Any]:
-                now = datetime.now(UTC)
-                p: dict[str, Any] = {"bucket": "5m", "from": (now - timedelta(hours=24)).isoformat(),
-                                     "to": now.isoformat()}
+        def agg(span: timedelta, bucket: str, metric: str | None = None, align: timedelta | None = None) -> Any:
+            """from = now - span (on a multiple of ``align`` when given, as a dashboard snaps its
+            range to its buckets), to = now."""
+            def params(now: datetime | None = None) -> dict[str, Any]:
+                now = now or datetime.now(UTC)
+                t0 = now - span
+                if align:
+                    t0 -= (t0 - datetime(2000, 1, 1, tzinfo=UTC)) % align
+                p: dict[str, Any] = {"bucket": bucket, "from": t0.isoformat(), "to": now.isoformat()}
                 if metric:
                     p["metric"] = metric
                 return p
             return params
 
+        day, five, hour = timedelta(days=1), timedelta(minutes=5), timedelta(hours=1)
         return [
             {"name": "latest", "label": "latest values (`/latest`)", "path": f"{base}/latest",
-             "params": lambda: {}},
-            {"name": "aggregate_all", "label": "24 h aggregate, 5 m buckets, all metrics",
-             "path": f"{base}/readings/aggregate", "params": agg(None)},
-            {"name": "aggregate_one", "label": f"24 h aggregate, 5 m buckets, metric={METRICS[3]}",
-             "path": f"{base}/readings/aggregate", "params": agg(METRICS[3])},
+             "params": lambda now=None: {}},
+            {"name": "aggregate_all", "label": "24 h, 5 m buckets, all metrics, from = now - 24 h",
+             "path": f"{base}/readings/aggregate", "params": agg(day, "5m"), "buckets": 289},
+            {"name": "aggregate_all_aligned", "label": "24 h, 5 m buckets, all metrics, from on a 5 m boundary",
+             "path": f"{base}/readings/aggregate", "params": agg(day, "5m", align=five), "buckets": 289},
+            {"name": "aggregate_one", "label": f"24 h, 5 m buckets, metric={METRICS[3]}, from on a 5 m boundary",
+             "path": f"{base}/readings/aggregate", "params": agg(day, "5m", METRICS[3], five), "buckets": 289},
+            {"name": "aggregate_7d", "label": "7 d, 1 h buckets, all metrics, from on an hour",
+             "path": f"{base}/readings/aggregate", "params": agg(7 * day, "1h", align=hour), "buckets": 169},
+            {"name": "aggregate_30d", "label": "30 d, 1 h buckets, all metrics, from on an hour",
+             "path": f"{base}/readings/aggregate", "params": agg(30 * day, "1h", align=hour), "buckets": 721},
+            {"name": "readings_page", "label": "raw readings, all metrics, 1,000 from now - 24 h",
+             "path": f"{base}/readings",
+             "params": lambda now=None: {"limit": 1000,
+                                         "from": ((now or datetime.now(UTC)) - day).isoformat()}},
         ]
 
     def check(self, q: dict[str, Any], body: Any) -> dict[str, Any]:
@@ -291,14 +308,45 @@ class Bench:
                 raise BenchError(f"latest: newest {newest} is not the end of the loaded data {self.load_end}")
             return {"items": len(body), "rows_touched": len(body),
                     "rows_touched_note": f"{len(body)} rows, {2 * len(body) + 1} index descents"}
+        if q["name"] == "readings_page":
+            items = body["items"]
+            if len(items) != 1000 or items != sorted(items, key=lambda i: (i["time"], i["metric"])):
+                raise BenchError(f"readings page: {len(items)} items, or not in (time, metric) order")
+            return {"items": len(items), "rows_touched": len(items), "rows_touched_note": "1,000 rows returned"}
         counts = sum(b["count"] for b in body)
         metrics = {b["metric"] for b in body}
         buckets = {b["bucket"] for b in body}
-        want = set(METRICS) if q["name"] == "aggregate_all" else {METRICS[3]}
-        if metrics != want or not 280 <= len(buckets) <= 289:
+        want = {METRICS[3]} if q["name"] == "aggregate_one" else set(METRICS)
+        if metrics != want or not 1 <= len(buckets) <= q["buckets"]:
             raise BenchError(f"{q['name']}: {len(buckets)} buckets, metrics {sorted(metrics)}")
         return {"items": len(body), "buckets": len(buckets), "rows_touched": counts,
-                "rows_touched_note": f"{counts:,} rows aggregated"}
+                "rows_touched_note": f"{counts:,} readings in the buckets"}
+
+    def answers(self, now: datetime) -> dict[str, Any]:
+        """Every query's answer for one fixed ``now``: the raw path's and the rollups' must be equal."""
+        assert self.api is not None
+        with httpx.Client(base_url=self.api.url, timeout=HTTP_TIMEOUT,
+                          headers={"Authorization": f"Bearer {self.token}"}) as c:
+            return {q["name"]: c.get(q["path"], params=q["params"](now)).json() for q in self.queries()}
+
+    def set_rollups(self, complete: bool) -> float:
+        """Rollups off (``rollup_state`` incomplete: the API reads raw rows, as before issue 12) or
+        built by ``lms_core.rollups.backfill``; returns the backfill's seconds."""
+        async def run() -> float:
+            conn = await asyncpg.connect(self.stack.pg.url)
+            try:
+                if not complete:
+                    await conn.execute("TRUNCATE readings_1m, readings_1h")
+                    await conn.execute("UPDATE rollup_state SET complete_at = NULL")
+                    return 0.0
+                t = time.monotonic()
+                await rollups.backfill(conn, progress=say)
+                took = time.monotonic() - t
+                await conn.execute("VACUUM (ANALYZE) readings_1m, readings_1h", timeout=STATEMENT_TIMEOUT)
+                return took
+            finally:
+                await conn.close()
+        return asyncio.run(run())
 
     def sequential(self, q: dict[str, Any]) -> dict[str, Any]:
         assert self.api is not None
@@ -499,6 +547,18 @@ def extract_plan(log_text: str) -> str:
 
 # -- report --------------------------------------------------------------------------------
 
+def same(a: Any, b: Any) -> bool:
+    """Equal answers; an average to 1e-12 relative (values here are not exactly summable in
+    binary floating point, so the order of summation rounds the sum differently; README)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(
+            math.isclose(a[k], b[k], rel_tol=1e-12) if k == "avg" and a[k] is not None and b[k] is not None
+            else same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "?"
     try:
@@ -525,16 +585,16 @@ def machine_info() -> dict[str, Any]:
 
 def table(load: dict[str, Any], results: list[dict[str, Any]], n: int) -> str:
     lines = [
-        f"| query | rows in table | rows touched | response | sequential n | p50 ms | p99 ms | mean ms "
+        f"| query | answered from | rows in table | rows touched | response | sequential n | p50 ms | p99 ms | mean ms "
         f"| req/s at concurrency {n} (requests) | p50 ms at {n} | p99 ms at {n} | non-200 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         s, c = r["sequential"], r["concurrent"]
         bad = sum(v for k, v in r["sequential_statuses"].items() if int(k) != 200) + \
             sum(v for k, v in c["statuses"].items() if k != "200")
         lines.append(
-            f"| {r['label']} | {load['rows_total']:,} | {r['rows_touched_note']} | "
+            f"| {r['label']} | {r.get('phase', '')} | {load['rows_total']:,} | {r['rows_touched_note']} | "
             f"{r['response_bytes'] / 1024:,.0f} KiB, {r['items']:,} items | {s['n']} | {s['p50_ms']:.1f} | "
             f"{s['p99_ms']:.1f} | {s['mean_ms']:.1f} | {c['req_per_s']:,.1f} ({c['ok']:,}) | "
             f"{c['latency'].get('p50_ms', 0):.1f} | "
@@ -554,6 +614,10 @@ def main() -> int:
     ap.add_argument("--max-requests", type=int, default=100_000,
                     help="cap on requests of one concurrent phase (default 100000)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) after the run")
+    ap.add_argument("--phases", default="raw,rollups",
+                    help="raw (rollups incomplete: raw rows, as before issue 12), rollups (after the backfill); "
+                         "comma-separated, in order (default raw,rollups)")
+    ap.add_argument("--only", default="all", help="comma-separated query names to time (default all)")
     args = ap.parse_args()
     if min(args.rows, args.requests, args.concurrency, args.max_requests) < 1 or args.seconds <= 0 \
             or args.sequential_max_seconds <= 0 \
@@ -589,10 +653,27 @@ def main() -> int:
             "'jit', 'plan_cache_mode', 'max_wal_size')")}
         info["postgresql_server"] = pg_settings.get("server_version", "?")
         load = asyncio.run(bench.load())
-        for q in bench.queries():
-            r = {"name": q["name"], "label": q["label"], **bench.sequential(q)}
-            r["concurrent"] = bench.concurrent(q)
-            results.append(r)
+        fixed_now = datetime.now(UTC)
+        reference: dict[str, Any] = {}
+        for phase in args.phases.split(","):
+            if phase == "rollups":
+                say("building the rollups of the loaded readings (lms_core.rollups.backfill)")
+                load["backfill_s"] = round(bench.set_rollups(True), 1)
+                say(f"backfill: {load['backfill_s']} s")
+            else:
+                bench.set_rollups(False)
+            answers = bench.answers(fixed_now)
+            if reference and not same(answers, reference):
+                bad = [k for k in answers if not same(answers[k], reference.get(k))]
+                raise BenchError(f"the {phase} answers differ from the first phase's for {bad}")
+            reference = reference or answers
+            for q in bench.queries():
+                if q["name"] not in args.only.split(",") and args.only != "all":
+                    continue
+                say(f"[{phase}] {q['label']}")
+                r = {"name": q["name"], "label": q["label"], "phase": phase, **bench.sequential(q)}
+                r["concurrent"] = bench.concurrent(q)
+                results.append(r)
         say("EXPLAIN (ANALYZE, BUFFERS) of the API's SQL with the parameters filled in")
         plans = asyncio.run(bench.explain())
         say("plans of the API's own statements (auto_explain, one request each)")
@@ -631,7 +712,9 @@ def main() -> int:
         f"{load['devices'] - 1} other devices; heap {load['heap_size']}, indexes {load['index_size']}.",
         f"Sequential: {args.requests} requests after {args.warmup} warm-up, one keep-alive connection. "
         f"Concurrent: {n} clients (one httpx.AsyncClient each) for {args.seconds:g} s. "
-        "Aggregates: from = now - 24 h, to = now, computed per request.",
+        "Aggregates: to = now, computed per request; phases: raw = rollups marked incomplete, the raw "
+        "rows aggregated as before issue 12; rollups = after the backfill "
+        f"({load.get('backfill_s', '-')} s). Both phases' answers for one fixed `now` were compared: equal.",
         "",
         table(load, results, n),
         "",
@@ -639,7 +722,8 @@ def main() -> int:
         "",
         "| query | API process | PostgreSQL | benchmark client | box busy |",
         "|---|---:|---:|---:|---:|",
-        *[f"| {r['label']} | {r['concurrent']['cpu']['api_cpu_s']} | {r['concurrent']['cpu']['postgres_cpu_s']} | "
+        *[f"| {r['label']} ({r['phase']}) | {r['concurrent']['cpu']['api_cpu_s']} | "
+          f"{r['concurrent']['cpu']['postgres_cpu_s']} | "
           f"{r['concurrent']['cpu']['client_cpu_s']} | {r['concurrent']['cpu']['box_busy_pct']}% |" for r in results],
         "",
         f"- load: {load['rows_total']:,} rows by INSERT ... SELECT generate_series in time order, unique index in "

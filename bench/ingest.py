@@ -15,6 +15,10 @@ telemetry, so one message = 3 rows) and measures, per repeat:
   bare live     receipt), with the bridge's session removed so that no other group gets
                 a copy of the messages.
 
+Unless --paho-only, the bridge (rollups on) and the bare subscriber run once more on
+LMS_BRIDGE_RECEIVER=asyncio (lms_core/mqtt_fast.py; bare_sub.py --receiver asyncio), and a
+second table sets the two receivers side by side.
+
 Everything (broker, database, bridge, subscriber, publishers) shares this machine's cores:
 the numbers are whole-box figures. Results are printed as Markdown and written as JSON to
 bench/results/. Every wait has a timeout and the stack is torn down on any exit.
@@ -119,7 +123,7 @@ class Publishers:
     """One compiled publisher process per device, each in its own waiter thread."""
 
     def __init__(self, pub: Path, port: int, creds: list[Any], count: int, window: int,
-                 ts_starts: list[int], timeout: float) -> None:
+                 ts_starts: list[int], timeout: float, rate: float = 0) -> None:
         self.count = count
         self.timeout = timeout
         self.t0 = time.monotonic()
@@ -129,7 +133,7 @@ class Publishers:
         self.errors: list[str] = []
         for c, ts in zip(creds, ts_starts, strict=True):
             args = [str(pub), "127.0.0.1", str(port), c.username, c.password, c.client_id,
-                    f"{c.topic_prefix}/telemetry", str(count), str(window), str(ts)]
+                    f"{c.topic_prefix}/telemetry", str(count), str(window), str(ts), str(rate)]
             self.procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         self.threads = [threading.Thread(target=self._wait, args=(i,), daemon=True) for i in range(len(creds))]
         for t in self.threads:
@@ -351,22 +355,28 @@ class Bench:
     def timeout_for(self, messages: int) -> float:
         return max(120.0, messages / 300)  # a 300 msg/s floor: anything slower is a failure anyway
 
-    def ts_starts(self) -> list[int]:
-        """Fresh, non-overlapping timestamp ranges, one per device (1 ms per message)."""
+    def ts_starts(self, count: int | None = None) -> list[int]:
+        """Fresh, non-overlapping timestamp ranges of ``count`` (default ``--messages``)
+        messages, one per device (1 ms per message)."""
+        blocks = -(-(count or self.args.messages) // self.args.messages)
         starts = []
         for _ in self.creds:
             starts.append(self.ts_base + self.ts_block * self.args.messages)
-            self.ts_block += 1
-        if starts[-1] + self.args.messages > int(time.time() * 1000) - 86400 * 1000:
+            self.ts_block += blocks
+        if starts[-1] + blocks * self.args.messages > int(time.time() * 1000) - 86400 * 1000:
             raise BenchError("timestamp ranges would leave the 20-days-ago band; use fewer messages/repeats")
         return starts
 
-    def publish(self, label: str) -> Publishers:
+    def publish(self, label: str, count: int | None = None, rate: float = 0) -> Publishers:
+        """Start one publisher per device, ``count`` messages each (default ``--messages``),
+        ``rate`` msg/s in all (0: as fast as they can)."""
         assert self.pub is not None
-        p = Publishers(self.pub, self.stack.mq.port, self.creds, self.args.messages, self.args.window,
-                       self.ts_starts(), self.timeout_for(self.per_phase))
+        count = count or self.args.messages
+        p = Publishers(self.pub, self.stack.mq.port, self.creds, count, self.args.window, self.ts_starts(count),
+                       self.timeout_for(count * len(self.creds)), rate / len(self.creds))
         self.live_children.append(p)
-        say(f"  {label}: {len(self.creds)} publishers x {self.args.messages:,} messages started")
+        paced = f" at {rate:,.0f} msg/s in all" if rate else ""
+        say(f"  {label}: {len(self.creds)} publishers x {count:,} messages started{paced}")
         return p
 
     def setup(self) -> None:
@@ -378,15 +388,16 @@ class Bench:
 
     # bridge ----------------------------------------------------------------------------
 
-    def bridge_phases(self, n_rep: int, receiver: str) -> dict[str, Any]:
+    def bridge_phases(self, rep: int, rollups: bool = True, receiver: str = "paho") -> dict[str, Any]:
         n = self.per_phase
-        res: dict[str, Any] = {}
-        rep = f"{n_rep} bridge/{receiver}"
-        say(f"[{rep}] bridge drain: start the bridge once (session + subscription), stop it")
-        b = self.stack.start_bridge(BRIDGE_CLIENT_ID, LMS_BRIDGE_RECEIVER=receiver)
+        res: dict[str, Any] = {"rollups": rollups, "receiver": receiver}
+        rep_label = f"{rep}, rollups {'on' if rollups else 'off'}, receiver {receiver}"
+        say(f"[{rep_label}] bridge drain: start the bridge once (session + subscription), stop it")
+        b = self.stack.start_bridge(BRIDGE_CLIENT_ID, LMS_BRIDGE_ROLLUPS="on" if rollups else "off",
+                                    LMS_BRIDGE_RECEIVER=receiver)
         if b.stop() != 0:
             raise BenchError(f"bridge exited with {b.proc.returncode if b.proc else '?'} on SIGTERM")
-        pubs = self.publish(f"[{rep}] bridge drain: backlog")
+        pubs = self.publish(f"[{rep_label}] bridge drain: backlog")
         res["drain_publishers"] = pubs.wait()
         say(f"  backlog of {n:,} messages queued in {res['drain_publishers']['wall_s']} s "
             f"({res['drain_publishers']['msg_per_s']:,.0f} msg/s); restarting the bridge")
@@ -396,7 +407,7 @@ class Bench:
         t_start = time.monotonic()
         b.start(wait=False)
         meter.bridge = b
-        w = wait_stored(b, n, self.timeout_for(n), f"[{rep}] bridge drain")
+        w = wait_stored(b, n, self.timeout_for(n), f"[{rep_label}] bridge drain")
         cpu = meter.stop(bridge_started_in_phase=True)
         lt = log_times(b, offset)
         rss_drain = bridge_rss(b)
@@ -424,11 +435,11 @@ class Bench:
             f"({d['msg_per_s_from_process_start']:,.0f} msg/s), {d['from_mqtt_connect_s']} s from MQTT connect "
             f"({d['msg_per_s_from_connect']:,.0f} msg/s), steady {fmt(d['msg_per_s_steady'])} msg/s; cpu {cpu}")
 
-        say(f"[{rep}] bridge live: publishers and bridge together")
+        say(f"[{rep_label}] bridge live: publishers and bridge together")
         base = bridge_stored(b) or 0.0
         meter = CpuMeter(self.stack, b)
-        pubs = self.publish(f"[{rep}] bridge live")
-        w = wait_stored(b, base + n, self.timeout_for(n), f"[{rep}] bridge live", base, pubs)
+        pubs = self.publish(f"[{rep_label}] bridge live")
+        w = wait_stored(b, base + n, self.timeout_for(n), f"[{rep_label}] bridge live", base, pubs)
         cpu = meter.stop()
         res["live_publishers"] = pubs.wait()
         t_last = w["last_t"]
@@ -467,9 +478,9 @@ class Bench:
 
     # bare subscriber ------------------------------------------------------------------
 
-    def bare_phases(self, n_rep: int, receiver: str) -> dict[str, Any]:
+    def bare_phases(self, n_rep: int, receiver: str = "paho") -> dict[str, Any]:
         n = self.per_phase
-        rep = f"{n_rep} bare/{receiver}"
+        rep = f"{n_rep}, receiver {receiver}"
         url = self.stack.mq.service_url
         res: dict[str, Any] = {}
         say(f"[{rep}] bare drain: create the subscriber's session, queue the backlog")
@@ -595,7 +606,6 @@ def med(values: list[float]) -> float:
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians per consumer (bridge_paho, bridge_asyncio, bare_paho, bare_asyncio: those run)."""
     def pick(*path: str) -> float | None:
         vals = []
         for r in runs:
@@ -606,46 +616,90 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 vals.append(float(v))
         return med(vals) if vals else None
 
-    s: dict[str, Any] = {"consumers": list(runs[0])}
-    for c in runs[0]:
-        s[c] = {
-            "drain_from_process_start": pick(c, "drain", "msg_per_s_from_process_start"),
-            "drain_from_connect": pick(c, "drain", "msg_per_s_from_connect"),
-            "drain_steady": pick(c, "drain", "msg_per_s_steady"),
-            "drain_publishers": pick(c, "drain_publishers", "msg_per_s"),
-            "live": pick(c, "live", "msg_per_s"),
-            "live_publishers": pick(c, "live_publishers", "msg_per_s"),
-        }
-        if c.startswith("bridge"):
-            s[c]["peak_rss_kb"] = max(r[c]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
-            s[c]["drain_peak_rss_kb"] = max(r[c]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
-            s[c]["startup_to_connect_s"] = pick(c, "drain", "bridge_startup_to_connect_s")
+    s: dict[str, Any] = {}
+    for kind, bk in (("from_process_start", "msg_per_s_from_process_start"),
+                     ("from_connect", "msg_per_s_from_connect"), ("steady", "msg_per_s_steady")):
+        s[f"drain_{kind}"] = {"bridge": pick("bridge", "drain", bk), "bare": pick("bare", "drain", bk)}
+    s["drain_publishers"] = {"bridge": pick("bridge", "drain_publishers", "msg_per_s"),
+                             "bare": pick("bare", "drain_publishers", "msg_per_s")}
+    s["live"] = {"bridge": pick("bridge", "live", "msg_per_s"), "bare": pick("bare", "live", "msg_per_s")}
+    s["live_publishers"] = {"bridge": pick("bridge", "live_publishers", "msg_per_s"),
+                            "bare": pick("bare", "live_publishers", "msg_per_s")}
+    if all("bridge_off" in r for r in runs):
+        s["rollups_off"] = {k: pick("bridge_off", *path) for k, path in (
+            ("drain_from_process_start", ("drain", "msg_per_s_from_process_start")),
+            ("drain_from_connect", ("drain", "msg_per_s_from_connect")),
+            ("drain_steady", ("drain", "msg_per_s_steady")), ("live", ("live", "msg_per_s")))}
+    if all("bridge_asyncio" in r and "bare_asyncio" in r for r in runs):
+        s["asyncio"] = {c: {k: pick(c, *path) for k, path in (
+            ("drain_from_process_start", ("drain", "msg_per_s_from_process_start")),
+            ("drain_from_connect", ("drain", "msg_per_s_from_connect")),
+            ("drain_steady", ("drain", "msg_per_s_steady")), ("live", ("live", "msg_per_s")))}
+            for c in ("bridge_asyncio", "bare_asyncio")}
+        s["asyncio"]["bridge_peak_rss_kb"] = max(r["bridge_asyncio"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
+    s["bridge_peak_rss_kb"] = max(r["bridge"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
+    s["bridge_drain_peak_rss_kb"] = max(r["bridge"]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
+    s["bridge_startup_to_connect_s"] = pick("bridge", "drain", "bridge_startup_to_connect_s")
+    s["bare_startup_to_connect_s"] = pick("bare", "drain", "startup_to_connect_s")
     return s
 
 
 def table(s: dict[str, Any], n: int, repeat: int) -> str:
-    consumers = s["consumers"]
-    base = "bare_paho" if "bare_paho" in consumers else consumers[-1]
-    phases = [("drain, from process start to last commit / last message", "drain_from_process_start"),
-              ("drain, from MQTT connect", "drain_from_connect"),
-              ("drain, steady (first commit / first message to last)", "drain_steady"),
-              ("live, from publishers' start to last commit / last message", "live")]
-    head = " | ".join(f"{c} msg/s | {c}/{base}" for c in consumers)
+    def row(phase: str, b: float | None, bare: float | None, pub_b: str, pub_bare: str) -> str:
+        if b is None or bare is None:
+            return f"| {phase} | n/a (run too short) | | | | {pub_b} | {pub_bare} |"
+        return (f"| {phase} | {b:,.0f} | {b * ROWS_PER_MSG:,.0f} | {bare:,.0f} | {b / bare:.2f} | "
+                f"{pub_b} | {pub_bare} |")
+
+    dp = s["drain_publishers"]
+    lp = s["live_publishers"]
     lines = [
         f"{n:,} messages ({n * ROWS_PER_MSG:,} rows) per phase; "
         + ("single run" if repeat == 1 else f"medians of {repeat} runs"),
         "",
-        f"| phase | {head} |",
-        "|---|" + "---:|---:|" * len(consumers),
+        "| phase | bridge msg/s | bridge rows/s | bare subscriber msg/s | bridge/bare | publishers msg/s (bridge run) "
+        "| publishers msg/s (bare run) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        row("drain, from process start to last commit / last message", s["drain_from_process_start"]["bridge"],
+            s["drain_from_process_start"]["bare"], f"{dp['bridge']:,.0f} (into queue)",
+            f"{dp['bare']:,.0f} (into queue)"),
+        row("drain, from MQTT connect", s["drain_from_connect"]["bridge"], s["drain_from_connect"]["bare"], "", ""),
+        row("drain, steady (first commit / first message to last)", s["drain_steady"]["bridge"],
+            s["drain_steady"]["bare"], "", ""),
+        row("live, from publishers' start to last commit / last message", s["live"]["bridge"], s["live"]["bare"],
+            f"{lp['bridge']:,.0f}", f"{lp['bare']:,.0f}"),
     ]
-    for label, key in phases:
-        cells = []
-        for c in consumers:
-            v, ref = s[c][key], s[base][key]
-            cells.append("n/a | " if v is None else f"{v:,.0f} | " + (f"{v / ref:.2f}" if ref else ""))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    pubs = ", ".join(f"{c} {s[c]['live_publishers']:,.0f}" for c in consumers)
-    lines += ["", f"Publishers' own rate in the live phases (msg/s): {pubs}"]
+    off = s.get("rollups_off")
+    if off:
+        on = {"drain_from_process_start": s["drain_from_process_start"]["bridge"],
+              "drain_from_connect": s["drain_from_connect"]["bridge"], "drain_steady": s["drain_steady"]["bridge"],
+              "live": s["live"]["bridge"]}
+        lines += ["", "The bridge with rollups on (as it ships) against LMS_BRIDGE_ROLLUPS=off, same run:", "",
+                  "| phase | rollups on msg/s | rollups off msg/s | on / off |", "|---|---:|---:|---:|"]
+        for k, label in (("drain_from_process_start", "drain, from process start"),
+                         ("drain_from_connect", "drain, from MQTT connect"), ("drain_steady", "drain, steady"),
+                         ("live", "live")):
+            a, b = on[k], off[k]
+            lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | "
+                         f"{'n/a' if a is None or b is None else f'{a / b:.3f}'} |")
+    fast = s.get("asyncio")
+    if fast:
+        lines += ["", "The receivers (LMS_BRIDGE_RECEIVER, rollups on), same run; ratios against the bare paho "
+                  "subscriber:", "",
+                  "| phase | bridge paho | bridge asyncio | bare paho | bare asyncio | bridge paho / bare paho "
+                  "| bridge asyncio / bare paho | bridge asyncio / bridge paho |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, label in (("drain_from_process_start", "drain, from process start"),
+                         ("drain_from_connect", "drain, from MQTT connect"), ("drain_steady", "drain, steady"),
+                         ("live", "live")):
+            bp, ba = s[k]["bridge"], fast["bridge_asyncio"][k]
+            sp, sa = s[k]["bare"], fast["bare_asyncio"][k]
+
+            def ratio(a: float | None, b: float | None) -> str:
+                return "n/a" if a is None or not b else f"{a / b:.2f}"
+
+            lines.append(f"| {label} | {fmt(bp)} | {fmt(ba)} | {fmt(sp)} | {fmt(sa)} | {ratio(bp, sp)} | "
+                         f"{ratio(ba, sp)} | {ratio(ba, bp)} |")
     return "\n".join(lines)
 
 
@@ -656,13 +710,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run each phase N times, report medians (default 1)")
     ap.add_argument("--window", type=int, default=500, help="publisher in-flight window (default 500)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) after the run")
-    ap.add_argument("--receivers", default="paho,asyncio",
-                    help="comma-separated LMS_BRIDGE_RECEIVER values to measure, bridge and bare subscriber "
-                         "each (default paho,asyncio)")
+    ap.add_argument("--rollups-only", action="store_true",
+                    help="skip the bridge phases with rollups off (LMS_BRIDGE_ROLLUPS=off)")
+    ap.add_argument("--paho-only", action="store_true",
+                    help="skip the bridge and bare subscriber on LMS_BRIDGE_RECEIVER=asyncio (lms_core/mqtt_fast.py)")
     args = ap.parse_args()
-    args.receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
-    if not args.receivers or set(args.receivers) - {"paho", "asyncio"}:
-        ap.error("--receivers: paho and/or asyncio")
     if args.messages < 1 or args.devices < 1 or args.repeat < 1 or args.window < 1:
         ap.error("all numbers must be positive")
 
@@ -685,10 +737,14 @@ def main() -> int:
         info = machine_info(bench.stack)
         for rep in range(1, args.repeat + 1):
             run: dict[str, Any] = {}
-            for receiver in args.receivers:
-                run[f"bridge_{receiver}"] = bench.bridge_phases(rep, receiver)
-            for receiver in args.receivers:
-                run[f"bare_{receiver}"] = bench.bare_phases(rep, receiver)
+            # Rollups on and off back to back, in alternating order, so drift hits both alike.
+            for rollups in ((True, False) if rep % 2 else (False, True))[:1 if args.rollups_only else 2]:
+                run["bridge" if rollups else "bridge_off"] = bench.bridge_phases(rep, rollups)
+            if not args.paho_only:
+                run["bridge_asyncio"] = bench.bridge_phases(rep, True, "asyncio")
+            run["bare"] = bench.bare_phases(rep)
+            if not args.paho_only:
+                run["bare_asyncio"] = bench.bare_phases(rep, "asyncio")
             runs.append(run)
         ok = True
     except (BenchError, AssertionError) as exc:
@@ -719,9 +775,12 @@ def main() -> int:
         "",
         table(s, n, args.repeat),
         "",
-        *(f"- {c} peak RSS (VmHWM): {s[c]['peak_rss_kb'] / 1024:.1f} MiB over drain + live "
-          f"(after drain alone: {s[c]['drain_peak_rss_kb'] / 1024:.1f} MiB); process start -> MQTT connected "
-          f"{s[c]['startup_to_connect_s']:.2f} s" for c in s["consumers"] if c.startswith("bridge")),
+        f"- bridge peak RSS (VmHWM): {s['bridge_peak_rss_kb'] / 1024:.1f} MiB over drain + live "
+        f"(after drain alone: {s['bridge_drain_peak_rss_kb'] / 1024:.1f} MiB)",
+        f"- bridge process start -> MQTT connected: {s['bridge_startup_to_connect_s']:.2f} s "
+        f"(bare subscriber: {s['bare_startup_to_connect_s']:.2f} s)",
+        *([f"- bridge on the asyncio receiver, peak RSS (VmHWM): {s['asyncio']['bridge_peak_rss_kb'] / 1024:.1f} MiB"]
+          if "asyncio" in s else []),
         "- drain: backlog queued by Mosquitto for the consumer's persistent session while it was stopped; "
         "bridge = messages committed to PostgreSQL (lms_bridge_messages_stored_total, polled), "
         "bare = messages received and auto-acknowledged by bench/bare_sub.py",

@@ -5,7 +5,8 @@
  * ~12k QoS-1 msg/s on the reference machine and would measure itself, not the
  * bridge (shared/REFERENCE-MEASUREMENTS.md).
  *
- * usage: pub HOST PORT USER PASSWORD CLIENT_ID TOPIC COUNT WINDOW [TS_START_MS]
+ * usage: pub HOST PORT USER PASSWORD CLIENT_ID TOPIC COUNT WINDOW [TS_START_MS [RATE]]
+ * RATE: messages per second, evenly spaced (0 or absent: as fast as the window allows).
  * Prints "published N in S s" on stdout when every message is acknowledged.
  */
 #include <mosquitto.h>
@@ -44,7 +45,7 @@ static double now(void) {
 
 int main(int argc, char **argv) {
     if (argc < 9) {
-        fprintf(stderr, "usage: pub HOST PORT USER PASSWORD CLIENT_ID TOPIC COUNT WINDOW [TS_START_MS]\n");
+        fprintf(stderr, "usage: pub HOST PORT USER PASSWORD CLIENT_ID TOPIC COUNT WINDOW [TS_START_MS [RATE]]\n");
         return 2;
     }
     const char *host = argv[1];
@@ -52,6 +53,7 @@ int main(int argc, char **argv) {
     long count = atol(argv[7]);
     long window = atol(argv[8]);
     long long ts = argc > 9 ? atoll(argv[9]) : (long long)time(NULL) * 1000;
+    double rate = argc > 10 ? atof(argv[10]) : 0;
 
     mosquitto_lib_init();
     struct mosquitto *m = mosquitto_new(argv[5], true, NULL);
@@ -74,6 +76,13 @@ int main(int argc, char **argv) {
     char payload[256];
     double t0 = now();
     for (long i = 0; i < count; i++) {
+        if (rate > 0) {  /* message i is due at t0 + i / rate; never sent early */
+            double wait = t0 + i / rate - now();
+            if (wait > 0) {
+                struct timespec d = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+                nanosleep(&d, NULL);
+            }
+        }
         pthread_mutex_lock(&lock);
         while (i - acked >= window) pthread_cond_wait(&cond, &lock);
         pthread_mutex_unlock(&lock);

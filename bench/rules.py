@@ -3,7 +3,7 @@ and alert latency, in one run (issue 9).
 
 usage (from the repository root):
     .venv/bin/python bench/rules.py [--messages 25000] [--devices 4] [--repeat 1] [--rules 0,100,1000]
-                                    [--rule-metrics 30] [--probes 50]
+                                    [--rule-metrics 30] [--probes 50] [--latency-rate MSG_PER_S]
 
 It reuses bench/ingest.py's stack, compiled publishers and bridge phases (drain of a queued
 backlog, then live). For each rule count, the rules are written straight into the database
@@ -14,11 +14,16 @@ each of the 4 devices' 3 metrics has about 8 rules, so every reading is evaluate
 batch locks and writes ~100 ``rule_state`` rows. The rule cache, the metric index and the
 per-batch state writes are what is measured; firing is measured by the probe.
 
-Then, with the same rules and the publishers running live, a probe device crosses the
+Then, with the same rules and the benchmark devices publishing a steady load the bridge
+sustains (``--latency-rate`` msg/s in all, evenly spaced; by default half the live rate
+measured with the first rule count in the same repeat), a probe device crosses the
 threshold of its own rule (``probe > 50``, at once) ``--probes`` times, resolving in
 between, and the latency is taken from each crossing message's publish to the alert row's
 ``fired_evaluated_at`` (decided in the batch's transaction, committed right after) and to
-the alert message on ``lms/bench/probe/alerts`` (published after the commit, from the outbox).
+the alert message on ``lms/bench/probe/alerts`` (published after the commit). A load the
+bridge cannot keep up with would measure the queue behind a growing backlog, not the alert
+path: the phase reports how long after the last publish the last message was stored
+(``load_lag_s``), which stays small when the load was sustained.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import tempfile
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,7 +50,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import BenchError, say
 from bench.ingest import RESULTS, ROWS_PER_MSG, Bench, wait_stored
-from tests.harness import Device, stop_client, wait_until
+from tests.harness import BridgeProcess, Device, stop_client, wait_until
 
 ORG = "bench"
 BENCH_METRICS = ("temp", "hum", "bat")
@@ -97,7 +104,7 @@ class Probe:
         if p["state"] == "firing":
             self.received.setdefault(p["ts"], time.time())
 
-    def run(self, probes: int, gap: float = 0.1) -> dict[int, float]:
+    def run(self, probes: int, gap: float) -> dict[int, float]:
         """Cross ``probes`` times; returns crossing ts (ms) -> wall time of its publish."""
         sent: dict[int, float] = {}
         for _ in range(probes):
@@ -121,7 +128,29 @@ def pct(values: list[float], q: float) -> float | None:
     return round(v[min(len(v) - 1, int(q * len(v)))] * 1000, 1)
 
 
-def latency_phase(bench: Bench, label: str, probes: int) -> dict[str, Any]:
+def commit_times(b: BridgeProcess) -> dict[str, Any]:
+    """The bridge's batches so far: how many, their mean write-and-commit time, and how many
+    took longer than 100 ms (lms_bridge_flush_seconds) - what a slow disk adds to a latency."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+
+    def value(series: str) -> float:
+        m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+        return float(m.group(1)) if m else 0.0
+
+    count = value("lms_bridge_flush_seconds_count")
+    return {"batches": int(count),
+            "commit_mean_ms": round(1000 * value("lms_bridge_flush_seconds_sum") / count, 1) if count else None,
+            "commits_over_100ms": int(count - value('lms_bridge_flush_seconds_bucket{le="0.1"}'))}
+
+
+#: Between a probe's crossing and its resolving message, and between probes (seconds).
+PROBE_GAP_S = 0.1
+#: The load runs this long before the first probe and after the last (seconds).
+LOAD_MARGIN_S = 1.0
+
+
+def latency_phase(bench: Bench, label: str, probes: int, rate: float) -> dict[str, Any]:
     s = bench.stack
     rule = int(s.scalar(
         """INSERT INTO alert_rules (org_id, name, kind, metric, comparison, threshold, severity, scope_kind,
@@ -132,15 +161,17 @@ def latency_phase(bench: Bench, label: str, probes: int) -> dict[str, Any]:
     b = s.start_bridge("lms-bridge-1")
     probe = Probe(bench)
     try:
-        base = 0.0
-        pubs = bench.publish(f"{label} latency: load")
-        sent = probe.run(probes)
-        n = bench.per_phase
-        wait_stored(b, base + n + 2 * probes, bench.timeout_for(n), f"{label} latency", base, pubs)
-        pubs.wait()
+        per_device = max(1, round(rate * (probes * 2 * PROBE_GAP_S + 2 * LOAD_MARGIN_S) / len(bench.creds)))
+        n = per_device * len(bench.creds)
+        pubs = bench.publish(f"{label} latency: load", per_device, rate)
+        time.sleep(LOAD_MARGIN_S)  # the load in its steady state before the first crossing
+        sent = probe.run(probes, PROBE_GAP_S)
+        w = wait_stored(b, n + 2 * probes, bench.timeout_for(n), f"{label} latency", 0.0, pubs)
+        load = pubs.wait()
         bench.rows_expected += n * ROWS_PER_MSG + 2 * probes
         wait_until(lambda: len(probe.received) >= probes, 30, "the probe's alert messages")
         rows = s.query("SELECT fired_at, fired_evaluated_at FROM alerts WHERE rule_id = $1", rule)
+        commits = commit_times(b)
     finally:
         probe.close()
         b.stop()
@@ -151,7 +182,9 @@ def latency_phase(bench: Bench, label: str, probes: int) -> dict[str, Any]:
     to_msg = [probe.received[ts] - sent[ts] for ts in sent if ts in probe.received]
     if len(rows) != probes:
         raise BenchError(f"{label}: {len(rows)} probe alerts for {probes} crossings")
-    return {"probes": probes, "to_row_p50_ms": pct(to_row, 0.5), "to_row_p99_ms": pct(to_row, 0.99),
+    return {"probes": probes, "load_msg_per_s": round(rate), "load_published_msg_per_s": load["msg_per_s"],
+            "load_lag_s": round(w["last_t"] - (pubs.t0 + load["wall_s"]), 3), **commits,
+            "to_row_p50_ms": pct(to_row, 0.5), "to_row_p99_ms": pct(to_row, 0.99),
             "to_message_p50_ms": pct(to_msg, 0.5), "to_message_p99_ms": pct(to_msg, 0.99)}
 
 
@@ -164,6 +197,9 @@ def main() -> int:
     ap.add_argument("--rules", default="0,100,1000", help="rule counts, comma-separated (default 0,100,1000)")
     ap.add_argument("--rule-metrics", type=int, default=30, help="metric names the rules spread over (default 30)")
     ap.add_argument("--probes", type=int, default=50, help="threshold crossings per latency phase (default 50)")
+    ap.add_argument("--latency-rate", type=float, default=0,
+                    help="msg/s of the load during the latency phase, all devices together (default: half the "
+                         "live rate measured with the first rule count in the same repeat)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) after the run")
     args = ap.parse_args()
     counts = [int(c) for c in args.rules.split(",")]
@@ -175,11 +211,13 @@ def main() -> int:
         bench.setup()
         bench.probe_creds = bench.stack.create_device(ORG, "probe")  # type: ignore[attr-defined]
         for rep in range(1, args.repeat + 1):
+            rate = args.latency_rate
             for count in counts:  # interleaved, so that drift of the machine hits every count alike
                 set_rules(bench, count, args.rule_metrics)
                 say(f"[{rep}] {count} enabled rules")
                 res = bench.bridge_phases(rep)
-                res["latency"] = latency_phase(bench, f"[{rep}] {count} rules", args.probes)
+                rate = rate or round(res["live"]["msg_per_s"] / 2, -2)
+                res["latency"] = latency_phase(bench, f"[{rep}] {count} rules", args.probes, rate)
                 say(f"  latency: {res['latency']}")
                 results[count].append(res)
         ok = True
@@ -204,21 +242,23 @@ def main() -> int:
                 v = v.get(p) if isinstance(v, dict) else None
             if v is not None:
                 vals.append(float(v))
-        return statistics.median(vals) if vals else None
+        return round(statistics.median(vals), 1) if vals else None
 
     base_drain, base_live = med(counts[0], "drain", "msg_per_s_from_connect"), med(counts[0], "live", "msg_per_s")
     lines = ["", "## Rules benchmark", "",
-             "| enabled rules | drain msg/s | vs first | live msg/s | vs first | alert row p50 / p99 ms "
-             "| alert message p50 / p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| enabled rules | drain msg/s | vs first | live msg/s | vs first | latency load msg/s "
+             "| alert row p50 / p99 ms | alert message p50 / p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in counts:
         d, lv = med(c, "drain", "msg_per_s_from_connect"), med(c, "live", "msg_per_s")
         lines.append(
             f"| {c:,} | {d or 0:,.0f} | {(d or 0) / (base_drain or 1):.2f} | {lv or 0:,.0f} | "
-            f"{(lv or 0) / (base_live or 1):.2f} | {med(c, 'latency', 'to_row_p50_ms')} / "
+            f"{(lv or 0) / (base_live or 1):.2f} | {med(c, 'latency', 'load_msg_per_s') or 0:,.0f} | "
+            f"{med(c, 'latency', 'to_row_p50_ms')} / "
             f"{med(c, 'latency', 'to_row_p99_ms')} | {med(c, 'latency', 'to_message_p50_ms')} / "
             f"{med(c, 'latency', 'to_message_p99_ms')} |")
     lines += ["", f"{args.devices} devices x {args.messages:,} messages per phase, medians of {args.repeat}; "
-              f"rules over {args.rule_metrics} metric names, one device each"]
+              f"rules over {args.rule_metrics} metric names, one device each; latency: {args.probes} crossings "
+              f"per phase under the steady load shown"]
     print("\n".join(lines), flush=True)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"rules-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -1,5 +1,6 @@
 """The bridge process: pool, broker reconcile, MQTT ingest, and beside the ingest the tasks it
-owns (retained janitor, alert-rule sweep, alert outbox); opened in order, closed in reverse."""
+owns (retained janitor, alert-rule sweep, alert outbox, config restore after the broker lost its
+state); opened in order, closed in reverse."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
 from bridge.notify import Notifier
 from bridge.outbox import AlertOutbox
+from bridge.restore import ConfigRestorer
 from bridge.retained import RetainedJanitor
 from bridge.rules import RuleEngine, RuleSweeper
 from bridge.store import Store
@@ -95,7 +97,8 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
             except OSError as exc:
                 raise LmsError(f"cannot serve metrics on port {settings.bridge.metrics_port}: {exc}") from None
             stack.callback(server.shutdown)
-        # Connections: the ingest's commits, the rule sweep, the alert outbox, one spare.
+        # Connections: the ingest's commits, the rule sweep, the alert outbox, one spare (the
+        # config restore, rare).
         pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=4),
                            startup_timeout)
         await check_schema(pool)
@@ -106,26 +109,35 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
         log.info("broker reconciled with the database: %s", counts)
         topics = TopicScheme(settings.topic_root)
         rules = RuleEngine(topics, metrics)
-        store = Store(pool, TelemetryDecoder(settings.limits), topics, metrics, rules)
+        if not settings.bridge.rollups:
+            # Readings this bridge writes will be missing from them: the API must not use them.
+            await pool.execute("UPDATE rollup_state SET complete_at = NULL")
+            log.warning("LMS_BRIDGE_ROLLUPS=off: rollups marked incomplete until `lms rollups backfill`")
+        store = Store(pool, TelemetryDecoder(settings.limits), topics, metrics, rules, rollups=settings.bridge.rollups)
         ingest = await _open(stack, "broker", lambda: Ingest(settings, store, metrics), startup_timeout)
-        # Alert messages go out on the ingest's own connection (the platform account).
+        # Alert messages go out on the ingest's own connection (the platform account), right
+        # after the commit that wrote them.
         outbox = AlertOutbox(pool, ingest.mqtt, metrics)
-        rules.on_outbox = outbox.wake
+        rules.on_outbox = outbox.publish
+        restorer = ConfigRestorer(settings, pool)
+        ingest.on_state_lost = restorer.broker_lost_state
+        notifier = Notifier(settings.alerts, notify_pool, metrics.registry)
+        rules.on_deliveries = notifier.wake
         log.info("bridge %s ingesting", settings.bridge.client_id)
         try:
             # The tasks the bridge owns: one failing stops the others, and the group is
-            # closed before the ingest and the pool (janitor, sweep and outbox catch their
-            # own errors and try again at their next round).
+            # closed before the ingest and the pool (janitor, sweep, outbox and restore catch
+            # their own errors and try again at their next round).
             async with asyncio.TaskGroup() as tasks:
                 helpers = [
                     tasks.create_task(RetainedJanitor(settings, store, metrics).run(stop), name="retained janitor"),
                     tasks.create_task(RuleSweeper(pool, rules, metrics).run(stop), name="alert rule sweep"),
                     tasks.create_task(outbox.run(stop), name="alert outbox"),
+                    tasks.create_task(restorer.run(stop), name="config restore"),
                 ]
                 # The webhook sender returns by itself once stop is set; cancelled at shutdown, a
                 # request in flight is retried when its lease runs out (bridge/notify.py).
-                helpers.append(tasks.create_task(Notifier(settings.alerts, notify_pool, metrics.registry).run(stop),
-                                                 name="webhook sender"))
+                helpers.append(tasks.create_task(notifier.run(stop), name="webhook sender"))
                 try:
                     await ingest.run(stop)
                 finally:

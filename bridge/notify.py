@@ -48,8 +48,9 @@ from lms_core.webhooks import parse_url, resolve
 
 log = logging.getLogger("lms.bridge.notify")
 
-#: Between two looks for due deliveries when none was due: what a new alert's webhook may
-#: wait on top of its commit (the look is one index scan of the pending rows).
+#: Between two looks for due deliveries when none was due: what a retry that came due, or
+#: a delivery the API queued, may wait (the look is one index scan of the pending rows). The
+#: bridge's own alert changes wake the sender at once (:meth:`Notifier.wake`).
 POLL_S = 0.5
 #: How long after a failed look (the database away) the sender looks again.
 ERROR_PAUSE_S = 2.0
@@ -114,6 +115,7 @@ class Notifier:
                 asyncio.TaskGroup() as tasks:
             tasks.create_task(self._wake_on(stop), name="webhook sender stop watcher")
             while not stop.is_set():
+                self._wake.clear()  # before the look, so that a wake-up during it is not lost
                 free = self.settings.webhook_concurrency - len(self.in_flight)
                 claimed: list[Claimed] = []
                 if free > 0:
@@ -132,13 +134,18 @@ class Notifier:
                 if not claimed:
                     await self._sleep(POLL_S)
 
+    def wake(self) -> None:
+        """Look for due deliveries now: a commit has queued some (bridge/rules.py), which
+        then go out without waiting for the next poll."""
+        self._wake.set()
+
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._wake.set()
 
     async def _sleep(self, seconds: float) -> None:
-        """Until ``seconds`` pass, a slot frees up or the sender is stopped."""
-        self._wake.clear()
+        """Until ``seconds`` pass, or a wake-up since the last look: a slot freed up, a commit
+        queued deliveries, or the sender is stopped."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._wake.wait()

@@ -7,14 +7,18 @@ Three parts, from pure to wired:
 - :class:`RuleEngine`: a cache of the enabled rules (indexed by metric), the webhooks and
   the scope facts of devices, reloaded when ``rules_version`` (or the device directory)
   moves - the store reads both counters in one query before each batch. :meth:`evaluate`
-  runs inside the batch's transaction, after the readings were written: it locks the
-  ``rule_state`` rows of the (rule, device) pairs the batch touched, in (rule_id,
-  device_id) order so that two bridges never deadlock, feeds each pair its readings in
-  device-time order, and writes the state, the alert changes and their notifications
-  (``mqtt_outbox``, ``webhook_deliveries``) in that same transaction.
+  runs inside the batch's transaction, after the readings were written: it share-locks the
+  rules it is about to use and reads the counters again (:func:`lock_rules`; a change
+  committed in between reloads the cache first), locks the ``rule_state`` rows of the
+  (rule, device) pairs the batch touched, in (rule_id, device_id) order so that two bridges
+  never deadlock, feeds each pair its readings in device-time order, and writes the state,
+  the alert changes and their notifications (``mqtt_outbox``, ``webhook_deliveries``) in
+  that same transaction. So a batch evaluates a rule exactly as committed: never a rule
+  the API has deleted, disabled or changed (and whose alerts it resolved) meanwhile.
 - :class:`RuleSweeper`: no-data and offline rules fire on time with no traffic at all; a
   task of the bridge sweeps every :data:`SWEEP_S` with one set-based query, holding a
-  transaction-level advisory lock so that one bridge sweeps at a time.
+  transaction-level advisory lock so that one bridge sweeps at a time; it locks the rules
+  of what it found the same way, and starts again if one changed since its query.
 
 Semantics of a threshold rule, per (rule, device), in device time (``ts``):
 
@@ -53,7 +57,8 @@ import asyncpg
 import msgspec
 
 from bridge.metrics import BridgeMetrics
-from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message, webhook_event
+from bridge.outbox import LEASE_S, OutboxMessage
+from lms_core.alerts import CLEAR_ABOVE, CLEAR_BELOW, alert_message, webhook_event, write_notifications
 from lms_core.db import translate
 from lms_core.errors import DatabaseUnavailable, StorageError
 from lms_core.topics import TopicScheme
@@ -331,13 +336,27 @@ class Changes:
             self.events.append(("resolved", r))
 
 
+@dataclass(slots=True)
+class Plan:
+    """What a batch gives the rules to do, under one snapshot (:meth:`RuleEngine._plan`)."""
+
+    #: (rule, device) -> (device times, values, the readings' datetimes), ascending.
+    pairs: dict[tuple[int, int], tuple[list[float], list[float], list[datetime]]]
+    #: no-data (rule, device) -> receipt time to write as last_seen_at.
+    seen_pairs: dict[tuple[int, int], float]
+    keys: list[tuple[int, int]]  # of both, sorted (the lock order)
+
+
 @dataclass
 class Evaluated:
     """What :meth:`RuleEngine.evaluate` did, for metrics and for the outbox after commit."""
 
     fired: int = 0
     resolved: int = 0
-    outbox: int = 0
+    #: The alert messages written to ``mqtt_outbox``: (row id, topic, payload), leased to
+    #: this bridge (bridge/outbox.py), published from memory once committed.
+    messages: list[OutboxMessage] = field(default_factory=list)
+    deliveries: int = 0  # webhook deliveries queued
     late: int = 0
     seconds: float = 0.0
     #: (rule, device) -> receipt time written as last_seen_at (kept once committed).
@@ -349,10 +368,12 @@ _encode = msgspec.json.Encoder().encode
 
 async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, tuple[str, str]],
                         webhooks: dict[int, list[tuple[int, frozenset[str]]]], topics: TopicScheme,
-                        evaluated_at: datetime) -> int:
+                        evaluated_at: datetime) -> tuple[list[OutboxMessage], int]:
     """Write the alert changes ``ch`` and their notifications in the caller's transaction;
     ``where``: device id -> (org slug, device slug). New alerts must have their ids.
-    Returns the number of outbox rows written."""
+    Returns the alert messages written, their ``mqtt_outbox`` rows leased to this bridge
+    for :data:`bridge.outbox.LEASE_S` (it publishes them itself once committed), and how
+    many webhook deliveries were queued."""
     if ch.resolved:
         # Resolutions first: a pair whose old alert resolves and whose new one fires in the
         # same evaluation must never hold two firing rows (alerts_one_firing).
@@ -423,16 +444,19 @@ async def write_changes(conn: asyncpg.Connection, ch: Changes, where: dict[int, 
                 hook_ids.append(h)
                 hook_alerts.append(alert_id)
                 hook_bodies.append(body)
+    written: list[OutboxMessage] = []
     if out_topics:
-        await conn.execute(
-            "INSERT INTO mqtt_outbox (topic, payload) SELECT * FROM unnest($1::text[], $2::bytea[])",
-            out_topics, out_payloads)
+        written = [OutboxMessage(*r) for r in await conn.fetch(
+            """INSERT INTO mqtt_outbox (topic, payload, publish_after)
+               SELECT t, p, now() + $3 * interval '1 second' FROM unnest($1::text[], $2::bytea[]) AS u(t, p)
+               RETURNING id, topic, payload""",
+            out_topics, out_payloads, LEASE_S)]
     if hook_ids:
         await conn.execute(
             """INSERT INTO webhook_deliveries (webhook_id, alert_id, body)
                SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[])""",
             hook_ids, hook_alerts, hook_bodies)
-    return len(out_topics)
+    return written, len(hook_ids)
 
 
 async def allocate_ids(conn: asyncpg.Connection, new: Sequence[NewAlert]) -> None:
@@ -443,6 +467,24 @@ async def allocate_ids(conn: asyncpg.Connection, new: Sequence[NewAlert]) -> Non
                            "FROM generate_series(1, $1)", len(new))
     for a, r in zip(new, ids, strict=True):
         a.id = r["id"]
+
+
+async def lock_rules(conn: asyncpg.Connection, ids: Iterable[int]) -> tuple[int, int]:
+    """Share-lock the rules ``ids`` until the caller's transaction ends and return the cache
+    counters (``rules_version``, ``device_directory_version``) read after the locks.
+
+    What an evaluation knows of its rules (the cache, the sweep's query) was read before it
+    locked anything. A change of a rule locks its row (the API: ``FOR UPDATE`` before
+    anything else; any UPDATE or DELETE) and bumps ``rules_version`` in its transaction. So
+    once these locks are held, a change of one of these rules either committed before - and
+    the counter read here, in a later statement, shows it - or waits for the caller's commit.
+    Equal counters: the rules as read are the rules as committed, for the whole transaction.
+    Taken before the ``rule_state`` rows, in id order, as the API takes the rule and then its
+    state rows: no cycle of waits."""
+    await conn.execute("SELECT 1 FROM alert_rules WHERE id = ANY($1::bigint[]) ORDER BY id FOR SHARE",
+                       sorted(ids))
+    version, directory = await conn.fetchrow(VERSIONS_SQL)
+    return version, directory
 
 
 async def lock_pairs(conn: asyncpg.Connection, keys: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
@@ -486,8 +528,10 @@ class RuleEngine:
         self.topics = topics
         self.metrics = metrics
         self.snap = Snapshot()
-        #: Called after a commit that wrote outbox rows (the outbox publisher's wake-up).
-        self.on_outbox: Callable[[], None] | None = None
+        #: Called with the alert messages a commit wrote (bridge/outbox.py publishes them).
+        self.on_outbox: Callable[[list[OutboxMessage]], None] | None = None
+        #: Called after a commit that queued webhook deliveries (the sender's wake-up).
+        self.on_deliveries: Callable[[], None] | None = None
         self._seen_written: dict[tuple[int, int], float] = {}
         self._lock = asyncio.Lock()
 
@@ -547,70 +591,39 @@ class RuleEngine:
                        readings: list[tuple[datetime, int, str, float | None, str | None]],
                        seen: dict[int, float]) -> Evaluated | None:
         """Evaluate the rules on a batch's ``readings`` (``seen``: device -> newest receipt
-        time) inside the caller's transaction; None when no rule is concerned."""
+        time) inside the caller's transaction; None when no rule is concerned.
+
+        The cache was read before the transaction: a change of a rule may have committed
+        since. So the rules the batch uses are locked first (:func:`lock_rules`), and if the
+        versions read under those locks moved, the cache is reloaded and the batch planned
+        again with the rules as committed (the rules kept from the first plan stay locked).
+        Each round needs another change committed within the few milliseconds between a
+        load and the lock."""
         snap = self.snap
         if not snap.rules:
             return None
         started = time.perf_counter()
-        by_metric = snap.by_metric
-        # The readings of each (device, metric) that has rules on its metric.
-        series: dict[tuple[int, str], list[tuple[datetime, float]]] = {}
-        if by_metric:
-            for when, dev, metric, value, _text in readings:
-                if metric in by_metric and value is not None:
-                    got = series.get((dev, metric))
-                    if got is None:
-                        series[(dev, metric)] = [(when, value)]
-                    else:
-                        got.append((when, value))
-        telemetry: set[int] = {r[1] for r in readings} if snap.no_data else set()
-        if not series and not telemetry:
-            return None
-        await self._facts(conn, snap, {k[0] for k in series} | telemetry)
+        while True:
+            plan = await self._plan(conn, snap, readings, seen)
+            if plan is None:
+                return None
+            versions = await lock_rules(conn, {k[0] for k in plan.keys})
+            if versions == (snap.version, snap.directory_version):
+                break
+            await self.refresh(conn, *versions)
+            snap = self.snap
+            if not snap.rules:
+                return None
+        pairs, seen_pairs, keys = plan.pairs, plan.seen_pairs, plan.keys
         devices = snap.devices
-        matched = snap.matched
-        #: (rule, device) -> (device times, values, the readings' datetimes), ascending.
-        pairs: dict[tuple[int, int], tuple[list[float], list[float], list[datetime]]] = {}
-        for (dev, metric), got in series.items():
-            rules = matched.get((dev, metric))
-            if rules is None:
-                facts = devices.get(dev)
-                rules = matched[(dev, metric)] = () if facts is None else tuple(
-                    r for r in by_metric[metric] if in_scope(r, dev, facts))
-            if not rules:
-                continue
-            got.sort()  # device-time order (a device's messages mostly come in order: cheap)
-            whens = [w for w, _ in got]
-            ordered = ([w.timestamp() for w in whens], [v for _, v in got], whens)
-            for rule in rules:
-                pairs[(rule.id, dev)] = ordered
-        seen_pairs: dict[tuple[int, int], float] = {}
-        written = self._seen_written
-        for dev in telemetry:
-            rules = snap.no_data_of.get(dev)
-            if rules is None:
-                facts = devices.get(dev)
-                rules = snap.no_data_of[dev] = () if facts is None else tuple(
-                    r for r in snap.no_data if in_scope(r, dev, facts))
-            t = seen.get(dev)
-            if t is None:
-                continue
-            for rule in rules:
-                pkey = (rule.id, dev)
-                if rule.duration_s >= SEEN_MIN_DURATION_S and t - written.get(pkey, 0.0) < SEEN_EVERY_S:
-                    continue
-                seen_pairs[pkey] = t
-        if not pairs and not seen_pairs:
-            return None
         out = Evaluated()
-        keys = sorted(pairs.keys() | seen_pairs.keys())
         rows = await lock_pairs(conn, keys)
         ch = Changes()
         states: list[tuple[Any, ...]] = []
         for key in keys:
             row = rows.get(key)
             if row is None:
-                continue  # the rule or the device was deleted meanwhile (cascade)
+                continue  # the device was deleted meanwhile (cascade)
             rule = snap.rules[key[0]]
             dev = key[1]
             alert: NewAlert | int | None = row["alert_id"]
@@ -644,20 +657,79 @@ class RuleEngine:
              a.id if isinstance(a, NewAlert) else a, None if cu is None else _dt(cu), ls)
             for r, d, lt, si, a, cu, ls in states])
         where = {d: (devices[d].org, devices[d].slug) for _, d in keys if d in devices}
-        out.outbox = await write_changes(conn, ch, where, snap.webhooks, self.topics, now)
+        out.messages, out.deliveries = await write_changes(conn, ch, where, snap.webhooks, self.topics, now)
         out.fired = len(ch.new)
         out.resolved = sum(1 for state, _ in ch.events if state == "resolved")
         out.seconds = time.perf_counter() - started
         return out
 
+    async def _plan(self, conn: asyncpg.Connection, snap: Snapshot,
+                    readings: list[tuple[datetime, int, str, float | None, str | None]],
+                    seen: dict[int, float]) -> Plan | None:
+        """The (rule, device) pairs the batch gives work to under ``snap``'s rules: the
+        readings of each threshold pair, the receipt time of each no-data pair; None if none."""
+        by_metric = snap.by_metric
+        # The readings of each (device, metric) that has rules on its metric.
+        series: dict[tuple[int, str], list[tuple[datetime, float]]] = {}
+        if by_metric:
+            for when, dev, metric, value, _text in readings:
+                if metric in by_metric and value is not None:
+                    got = series.get((dev, metric))
+                    if got is None:
+                        series[(dev, metric)] = [(when, value)]
+                    else:
+                        got.append((when, value))
+        telemetry: set[int] = {r[1] for r in readings} if snap.no_data else set()
+        if not series and not telemetry:
+            return None
+        await self._facts(conn, snap, {k[0] for k in series} | telemetry)
+        devices = snap.devices
+        matched = snap.matched
+        pairs: dict[tuple[int, int], tuple[list[float], list[float], list[datetime]]] = {}
+        for (dev, metric), got in series.items():
+            rules = matched.get((dev, metric))
+            if rules is None:
+                facts = devices.get(dev)
+                rules = matched[(dev, metric)] = () if facts is None else tuple(
+                    r for r in by_metric[metric] if in_scope(r, dev, facts))
+            if not rules:
+                continue
+            got.sort()  # device-time order (a device's messages mostly come in order: cheap)
+            whens = [w for w, _ in got]
+            ordered = ([w.timestamp() for w in whens], [v for _, v in got], whens)
+            for rule in rules:
+                pairs[(rule.id, dev)] = ordered
+        seen_pairs: dict[tuple[int, int], float] = {}
+        written = self._seen_written
+        for dev in telemetry:
+            rules = snap.no_data_of.get(dev)
+            if rules is None:
+                facts = devices.get(dev)
+                rules = snap.no_data_of[dev] = () if facts is None else tuple(
+                    r for r in snap.no_data if in_scope(r, dev, facts))
+            t = seen.get(dev)
+            if t is None:
+                continue
+            for rule in rules:
+                pkey = (rule.id, dev)
+                if rule.duration_s >= SEEN_MIN_DURATION_S and t - written.get(pkey, 0.0) < SEEN_EVERY_S:
+                    continue
+                seen_pairs[pkey] = t
+        if not pairs and not seen_pairs:
+            return None
+        return Plan(pairs, seen_pairs, sorted(pairs.keys() | seen_pairs.keys()))
+
     def committed(self, ev: Evaluated | None) -> None:
-        """After the batch's commit: count, remember what was written, wake the outbox."""
+        """After the batch's commit: count, remember what was written, hand the alert
+        messages to the outbox, wake the webhook sender."""
         if ev is None:
             return
         self._seen_written.update(ev.seen_written)
         self.metrics.rules_evaluated(ev)
-        if ev.outbox and self.on_outbox is not None:
-            self.on_outbox()
+        if ev.messages and self.on_outbox is not None:
+            self.on_outbox(ev.messages)
+        if ev.deliveries and self.on_deliveries is not None:
+            self.on_deliveries()
 
 
 # -- the no-data / offline sweep ------------------------------------------------------------
@@ -698,6 +770,10 @@ WHERE s.alert_id IS NOT NULL AND d.status <> 'offline'
 """
 
 
+class _RulesChanged(Exception):
+    """A sweep round's rules changed before it locked them: the round is given up."""
+
+
 class RuleSweeper:
     """Fires no-data and offline alerts on time, resolves offline alerts (module docstring)."""
 
@@ -707,6 +783,8 @@ class RuleSweeper:
         self.engine = engine
         self.metrics = metrics
         self.interval = interval
+        #: rules_version when the firing alerts were last checked against their scopes
+        self._scope_checked: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep every interval until ``stop``. A failed sweep is logged and tried again at
@@ -714,6 +792,7 @@ class RuleSweeper:
         while not stop.is_set():
             try:
                 await self.sweep()
+                await self.left_scope()
             except DatabaseUnavailable as exc:
                 log.warning("rule sweep failed (%s); retrying", exc)
             except StorageError:
@@ -723,22 +802,73 @@ class RuleSweeper:
                 await asyncio.wait_for(stop.wait(), self.interval)
 
     async def sweep(self) -> Evaluated | None:
-        """One sweep; None when there was nothing to do or another bridge holds the lock."""
+        """One sweep; None when there was nothing to do or another bridge holds the lock. A
+        round that finds a rule of its candidates changed since its query is given up and
+        the sweep starts again (:func:`lock_rules`)."""
         try:
             async with self.pool.acquire() as conn:
-                version, directory = await conn.fetchrow(VERSIONS_SQL)
-                await self.engine.refresh(conn, version, directory)
-                if not self.engine.snap.timed and not await self._offline_firing(conn):
-                    return None
-                async with conn.transaction():
-                    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+                while True:
+                    version, directory = await conn.fetchrow(VERSIONS_SQL)
+                    await self.engine.refresh(conn, version, directory)
+                    if not self.engine.snap.timed and not await self._offline_firing(conn):
                         return None
-                    ev = await self._sweep(conn)
+                    try:
+                        async with conn.transaction():
+                            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+                                return None
+                            ev = await self._sweep(conn, (version, directory))
+                        break
+                    except _RulesChanged:
+                        continue
         except Exception as exc:
             raise translate(exc) from exc
         if ev is not None:
             self.engine.committed(ev)
         return ev
+
+    async def left_scope(self) -> int:
+        """Resolve the firing alerts of devices no longer in their rule's scope (a tag
+        removed, a device taken off an asset): no batch evaluates such a pair again, so
+        nothing else would. Looked for only when ``rules_version`` moved (every change of
+        tags, assets and rules bumps it); returns how many were resolved."""
+        try:
+            async with self.pool.acquire() as conn:
+                version = await conn.fetchval("SELECT n FROM rules_version")
+                if version == self._scope_checked:
+                    return 0
+                async with conn.transaction():
+                    if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+                        return 0
+                    found = await conn.fetch(LEFT_SCOPE_SQL)
+                    resolved: list[int] = []
+                    if found:
+                        # Rule, then its state rows, as every other writer of them (lock_rules).
+                        await lock_rules(conn, {r["rule_id"] for r in found})
+                        keys = sorted((r["rule_id"], r["device_id"]) for r in found)
+                        rows = await conn.fetch(
+                            LEFT_SCOPE_SQL + """ AND (s.rule_id, s.device_id) IN
+                                   (SELECT * FROM unnest($1::bigint[], $2::bigint[]))
+                               ORDER BY s.rule_id, s.device_id FOR UPDATE OF s""",
+                            [k[0] for k in keys], [k[1] for k in keys])
+                        resolved = [r["alert_id"] for r in rows]
+                        if resolved:
+                            await conn.execute(
+                                """UPDATE alerts SET state = 'resolved', resolved_at = now(),
+                                          resolved_evaluated_at = now(), resolved_reason = $2
+                                   WHERE id = ANY($1::bigint[]) AND state = 'firing'""",
+                                resolved, "device left the rule's scope")
+                            await conn.execute(
+                                """DELETE FROM rule_state s USING unnest($1::bigint[], $2::bigint[]) AS u(r, d)
+                                   WHERE s.rule_id = u.r AND s.device_id = u.d""",
+                                [r["rule_id"] for r in rows], [r["device_id"] for r in rows])
+                            await write_notifications(conn, resolved, self.engine.topics)
+                self._scope_checked = version
+        except Exception as exc:
+            raise translate(exc) from exc
+        if resolved:
+            self.metrics.alerts_resolved.inc(len(resolved))
+            log.info("resolved %d alert(s) of devices that left their rule's scope", len(resolved))
+        return len(resolved)
 
     @staticmethod
     async def _offline_firing(conn: asyncpg.Connection) -> bool:
@@ -747,7 +877,9 @@ class RuleSweeper:
         return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM rule_state WHERE alert_id IS NOT NULL "
                                         "AND rule_id IN (SELECT id FROM alert_rules WHERE kind = 'offline'))"))
 
-    async def _sweep(self, conn: asyncpg.Connection) -> Evaluated | None:
+    async def _sweep(self, conn: asyncpg.Connection, versions: tuple[int, int]) -> Evaluated | None:
+        """One round in the caller's transaction; ``versions``: the cache counters read before
+        it (the rules the cache and :data:`SWEEP_SQL` read are those of that moment, or newer)."""
         started = time.perf_counter()
         now = datetime.now(UTC)
         found = await conn.fetch(SWEEP_SQL, now)
@@ -755,6 +887,8 @@ class RuleSweeper:
             return None
         candidates = {(r["rule_id"], r["device_id"]): r for r in found}
         keys = sorted(candidates)
+        if await lock_rules(conn, {k[0] for k in keys}) != versions:
+            raise _RulesChanged
         rows = await lock_pairs(conn, keys)
         rules = await self._rules(conn, {k[0] for k in keys})
         ch = Changes()
@@ -794,7 +928,8 @@ class RuleSweeper:
             "SELECT d.id, o.slug AS org, d.slug FROM devices d JOIN organizations o ON o.id = d.org_id "
             "WHERE d.id = ANY($1::bigint[])", list({k[1] for k in keys}))}
         out = Evaluated(fired=len(ch.new), resolved=sum(1 for s, _ in ch.events if s == "resolved"))
-        out.outbox = await write_changes(conn, ch, where, self.engine.snap.webhooks, self.engine.topics, now)
+        out.messages, out.deliveries = await write_changes(conn, ch, where, self.engine.snap.webhooks,
+                                                           self.engine.topics, now)
         out.seconds = time.perf_counter() - started
         return out
 
@@ -814,6 +949,16 @@ class RuleSweeper:
 
 
 _SECOND = timedelta(seconds=1)
+
+#: Firing alerts whose device is no longer in its rule's scope (RuleSweeper.left_scope).
+LEFT_SCOPE_SQL = """SELECT s.rule_id, s.device_id, s.alert_id FROM rule_state s
+    JOIN alert_rules r ON r.id = s.rule_id JOIN devices d ON d.id = s.device_id
+    WHERE s.alert_id IS NOT NULL AND NOT (
+        (r.scope_kind = 'org' AND d.org_id = r.org_id)
+        OR (r.scope_kind = 'device' AND d.id = r.scope_device_id)
+        OR (r.scope_kind = 'tag' AND d.org_id = r.org_id AND r.scope_tag = ANY (d.tags))
+        OR (r.scope_kind = 'asset' AND EXISTS (SELECT 1 FROM device_assets a
+                                               WHERE a.asset_id = r.scope_asset_id AND a.device_id = d.id)))"""
 
 #: Both cache counters in one round trip (the store reads them before each batch).
 VERSIONS_SQL = "SELECT (SELECT n FROM rules_version), (SELECT n FROM device_directory_version)"

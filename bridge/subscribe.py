@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from time import time_ns as _now_ns  # a global, not an attribute, read once per message
+from collections.abc import Callable
+from time import time as _now
+from time import time_ns as _now_ns  # globals, not attributes: read once per message
 
 import paho.mqtt.client as paho
 
@@ -57,6 +59,9 @@ class Ingest:
         self._backpressure = False
         #: A command result is buffered: commit without waiting for the batch to fill.
         self._urgent = False
+        #: Called on a reconnection to a broker that kept no session for the bridge
+        #: (bridge/restore.py).
+        self.on_state_lost: Callable[[], None] | None = None
         # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
         self.max_buffer = max(4 * self.batch_size, 10_000)
         self.mqtt: MqttSession = self._client(settings)
@@ -117,6 +122,12 @@ class Ingest:
 
     def _on_connect(self, session_present: bool) -> None:
         self.metrics.connected.set(1)
+        if not session_present and self.mqtt.generation > 1 and self.on_state_lost is not None:
+            # A reconnection, and the broker kept no session for us: it lost its state, and
+            # the retained messages the platform put there with it (the first connection
+            # follows the reconcile at start, which published them).
+            log.warning("the broker kept no session for the bridge: it lost its state")
+            self.on_state_lost()
         # Subscribing again on every connection is harmless when the session kept the
         # subscription and repairs it when the broker lost its state.
         self._connected.set()
@@ -197,11 +208,15 @@ class Ingest:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if len(self.buffer) < self.batch_size and not stop.is_set() and not self._urgent:
-                # A partial batch waits up to flush_ms for more (or for stop).
+            # A partial batch waits for more (or for stop) until its oldest message has waited
+            # flush_ms. Counted from that message's receipt, not from now: messages received
+            # while the previous batch committed have waited that long already, and under a
+            # steady load a fresh window after each commit would add it to every latency.
+            wait = self.buffer[0].received_at + self.flush_s - _now()
+            if wait > 0 and len(self.buffer) < self.batch_size and not stop.is_set() and not self._urgent:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.flush_s):
+                    async with asyncio.timeout(min(wait, self.flush_s)):
                         await self._wake.wait()
                 if not self.buffer:
                     continue  # (the buffer empties when the connection drops)

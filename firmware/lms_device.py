@@ -301,9 +301,11 @@ class Device:
             present = self.client.connect(clean=False)
             # Subscribing again on every connection also hands over the retained config.
             self.client.subscribe(lms_proto.subscriptions(self.prefix))
-        except (OSError, lms_mqtt.MQTTError) as e:
+        except Exception as e:  # not only OSError: a TLS set-up error, a
+            # MemoryError in the handshake (no PSRAM) must wait its backoff too, and must not
+            # reach the loop's MemoryError handler, which drops half of the offline buffer.
             self.client.close()
-            log("MQTT connect failed:", e, "- again in", self.net_backoff.failed(now), "ms")
+            log("MQTT connect failed:", repr(e), "- again in", self.net_backoff.failed(now), "ms")
             return
         log("MQTT connected (session present: %s)" % present)
         self.connected = True

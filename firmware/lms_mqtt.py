@@ -15,6 +15,10 @@ import utime
 # payload, so the firmware can answer an error): 16 KiB is the platform's largest desired
 # config (LMS_CONFIG_MAX_BYTES); a command's params are at most 8 KiB.
 MAX_IN = 16384 + 512
+# Any other packet a broker sends is tiny (CONNACK and PUBACK 2 bytes, SUBACK 2 + one per
+# filter): a larger length is a broken or hostile broker, refused before reading it (it
+# would otherwise be allocated whole: a MemoryError on a board without PSRAM).
+MAX_OTHER = 64
 
 
 class MQTTError(Exception):
@@ -68,7 +72,7 @@ class Client:
         first = self._read_exact(1, self.timeout_ms)
         if first[0] != lms_wire.CONNACK:
             raise MQTTError("expected CONNACK")
-        present, code = lms_wire.parse_connack(self._read_exact(self._read_len(), self.timeout_ms))
+        present, code = lms_wire.parse_connack(self._read_exact(self._read_len(MAX_OTHER), self.timeout_ms))
         if code:
             self.close()
             raise MQTTError("refused: " + lms_wire.CONNACK_REASONS.get(code, str(code)))
@@ -159,7 +163,14 @@ class Client:
             got += len(chunk)
         return buf
 
-    def _read_len(self):
+    def _read_len(self, limit=None):
+        """The remaining length; more than ``limit`` (when given) is refused."""
+        n = self._read_varlen()
+        if limit is not None and n > limit:
+            raise MQTTError("packet of %d bytes where at most %d fit" % (n, limit))
+        return n
+
+    def _read_varlen(self):
         n = 0
         shift = 0
         while True:
@@ -202,7 +213,7 @@ class Client:
 
     def _packet(self, first):
         kind = first & 0xF0
-        size = self._read_len()
+        size = self._read_len(None if kind == lms_wire.PUBLISH else MAX_OTHER)
         if kind == lms_wire.PUBLISH:
             self._publish(first, size)
         elif kind == lms_wire.PUBACK:

@@ -137,7 +137,10 @@ def parse_config(payload):
 
     Raises Refused for a document that has no integer version (nothing can be reported
     for it: the report names the version it answers) and ValueError for one it can name
-    but not apply: the caller reports those."""
+    but not apply: the caller reports those. ``None`` is a document too large for the
+    device (the client dropped it): refused and ignored, never taken for a cleared one."""
+    if payload is None:
+        raise Refused("desired config too large for this device")
     if not payload:
         return None
     try:

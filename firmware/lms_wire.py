@@ -122,4 +122,6 @@ def parse_publish(first, body):
 
 def pid_of(body):
     """The packet id of a PUBACK or SUBACK."""
+    if len(body) < 2:
+        raise ValueError("short acknowledgement")
     return (body[0] << 8) | body[1]

@@ -88,19 +88,41 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from lms_core import db, migrations
+    from lms_core import db, migrations, rollups
 
     settings = _settings(require_secret=False)  # migrations sign and derive nothing
 
-    async def main() -> list[Any]:
+    async def main() -> tuple[list[Any], bool]:
         conn = await db.connect(settings.database_url)
         try:
-            return await migrations.migrate(conn, progress=lambda m: print(m, flush=True))
+            done = await migrations.migrate(conn, progress=lambda m: print(m, flush=True))
+            return done, await rollups.complete(conn)
         finally:
             await conn.close()
 
-    done = asyncio.run(main())
+    done, complete = asyncio.run(main())
     print(f"{len(done)} migration(s) applied; schema is up to date")
+    if not complete:
+        print("the rollups of readings are incomplete: once every bridge runs this version, run "
+              "`lms rollups backfill` (safe while the platform runs); until then charts read raw rows")
+    return 0
+
+
+def cmd_rollups(args: argparse.Namespace) -> int:
+    """Build the rollups of readings stored before migration 0009 (or after a bridge ran with
+    LMS_BRIDGE_ROLLUPS=off); safe while bridges and the API run (lms_core/rollups.py)."""
+    from lms_core import db, rollups
+
+    settings = _settings(require_secret=False)
+
+    async def main() -> int:
+        conn = await db.connect(settings.database_url)
+        try:
+            return await rollups.backfill(conn, progress=lambda m: print(m, flush=True), slice_rows=args.slice_rows)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
     return 0
 
 
@@ -220,7 +242,16 @@ def _write_firmware_config(creds: Any, target: str) -> None:
         print(text, end="")
         return
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # The mode of os.open applies only to a file it creates: an existing one is made
+        # owner-only before the password goes in, and a symlink is refused (in a shared
+        # folder it could point anywhere).
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+        except OSError:
+            os.close(fd)
+            raise
     except OSError as exc:
         raise StackError(f"cannot write {target}: {exc.strerror}; the password was not shown - "
                          f"`lms device rotate --firmware-config FILE` issues a new one") from None
@@ -381,6 +412,27 @@ def _slug(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device_prefix(value: str) -> str:
+    """A slug that still is one with ``-100000`` after it (the simulator's device slugs)."""
+    slug = _slug(value)
+    if len(slug) > 56:
+        raise argparse.ArgumentTypeError(f"at most 56 characters (device slugs add -NNNNN), got {len(slug)}")
+    return slug
+
+
+def _number_from(lo: float, hi: float, what: str) -> Any:
+    """An argparse type: a finite number from ``lo`` to ``hi`` (float() also takes nan and inf)."""
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+        if not lo <= x <= hi:  # false for nan too
+            raise argparse.ArgumentTypeError(f"{what} must be {lo:g}-{hi:g}, got {value}")
+        return x
+    return parse
+
+
 def _display_name(value: str) -> str:
     if not 1 <= len(value) <= 200 or not value.isprintable():
         raise argparse.ArgumentTypeError("a name is 1-200 printable characters")
@@ -467,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_settings)
 
     sub.add_parser("migrate", help="apply database migrations (LMS_DATABASE_URL)").set_defaults(fn=cmd_migrate)
+    ro = sub.add_parser("rollups", help="rollups of readings (migration 0009)")
+    rsub = ro.add_subparsers(dest="action", required=True)
+    rb = rsub.add_parser("backfill", help="build the rollups of every stored reading, slice by slice, with "
+                         "progress; safe on a live system once every bridge runs this version")
+    rb.add_argument("--slice-rows", type=int, default=50_000, help="readings per transaction (default 50000)")
+    rb.set_defaults(fn=cmd_rollups)
     sub.add_parser("bridge", help="run one bridge process (LMS_DATABASE_URL, LMS_MQTT_URL)").set_defaults(
         fn=cmd_bridge)
     sub.add_parser("api", help="run one API process (LMS_API_HOST:LMS_API_PORT)").set_defaults(fn=cmd_api)
@@ -497,11 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rate", type=_seconds, default=10.0, help="seconds between two readings of a device "
                                                                  "(default 10)")
     sim.add_argument("--org", type=_slug, default="sim", help="their organization (default sim; created if missing)")
-    sim.add_argument("--prefix", type=_slug, default="sim", help="device slugs PREFIX-00001 … (default sim)")
+    sim.add_argument("--prefix", type=_device_prefix, default="sim", help="device slugs PREFIX-00001 … (default sim)")
     sim.add_argument("--seconds", type=_seconds, help="stop after this long (default: on Ctrl-C)")
-    sim.add_argument("--spike-chance", type=float, default=0.0, help="chance per reading of a warm spell "
-                                                                     "(something for an alert rule)")
-    sim.add_argument("--connect-rate", type=float, default=500.0,
+    sim.add_argument("--spike-chance", type=_number_from(0, 1, "a chance"), default=0.0,
+                     help="chance per reading of a warm spell (something for an alert rule)")
+    sim.add_argument("--connect-rate", type=_number_from(0.1, 1_000_000, "connections per second"), default=500.0,
                      help="new connections per second at most, at start and after a broker restart (default 500)")
     sim.add_argument("--progress", type=_seconds, default=2.0, help="seconds between progress lines (default 2)")
     sim.set_defaults(fn=cmd_simulate)

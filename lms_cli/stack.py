@@ -37,7 +37,7 @@ from lms_cli.localstack import (
     open_log,
     port_free,
 )
-from lms_core import db, migrations
+from lms_core import db, migrations, rollups
 
 STATE_FILE = "stack.json"
 
@@ -237,6 +237,9 @@ class LocalStack:
             conn = await db.connect(url)
             try:
                 await migrations.migrate(conn, progress=lambda m: print(f"  {m}", flush=True))
+                if not await rollups.complete(conn):
+                    # Nothing writes readings yet (the bridge starts after this): build them now.
+                    await rollups.backfill(conn, progress=lambda m: print(f"  {m}", flush=True))
             finally:
                 await conn.close()
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
+from lms_core import rollups
 from lms_core.broker import (
     DEVICE_ROLE_PREFIX,
     PLATFORM_ROLE,
@@ -307,7 +308,7 @@ class Provisioner:
             if dev_id is None:
                 raise NotFound(f"device {org}/{device} does not exist")
             if purge:
-                await conn.execute("DELETE FROM readings WHERE device_id = $1", dev_id)
+                await rollups.purge_device(conn, "= $1", dev_id)
                 await conn.execute("DELETE FROM events WHERE device_id = $1", dev_id)
             if record is not None:
                 await record(conn, device)
@@ -335,8 +336,7 @@ class Provisioner:
             devices = [r["slug"] for r in await conn.fetch("SELECT slug FROM devices WHERE org_id = $1", org_id)]
             techs = [r["username"] for r in await conn.fetch(
                 "SELECT username FROM mqtt_credentials WHERE org_id = $1", org_id)]
-            await conn.execute("DELETE FROM readings WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
-                               org_id)
+            await rollups.purge_device(conn, "IN (SELECT id FROM devices WHERE org_id = $1)", org_id)
             await conn.execute("DELETE FROM events WHERE device_id IN (SELECT id FROM devices WHERE org_id = $1)",
                                org_id)
             await conn.execute("DELETE FROM quarantine WHERE org_id = $1", org_id)
@@ -452,6 +452,16 @@ class Provisioner:
             await self.admin.execute(cmds[i : i + 200])
         counts["config_restored"], counts["config_cleared"] = await self._restore_config(conn)
         return counts
+
+    async def restore_config(self) -> tuple[int, int]:
+        """The configuration part of :meth:`reconcile` alone: publish every device's desired
+        configuration again, retained, and clear deleted ones; return (published, cleared).
+        For a broker that lost its retained messages while the platform runs (the bridge
+        calls it after a reconnection without its session). Needs no reconcile lock: each
+        group is read under its rows' share locks (below), which is what orders it against
+        the API's config changes and device deletions."""
+        async with self.pool.acquire() as conn:
+            return await self._restore_config(conn)
 
     async def _restore_config(self, conn: asyncpg.Connection) -> tuple[int, int]:
         """Publish each device's desired configuration retained on its ``config`` topic, and

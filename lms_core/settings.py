@@ -165,13 +165,14 @@ class BridgeSettings(msgspec.Struct, frozen=True):
         "LMS_BRIDGE_BATCH_SIZE", "flush after this many messages (or `LMS_BRIDGE_FLUSH_MS`, whichever first)",
         ge=1, le=100_000)] = 2000
     flush_ms: Annotated[int, setting(
-        "LMS_BRIDGE_FLUSH_MS", "flush after this many milliseconds (or `LMS_BRIDGE_BATCH_SIZE` messages)",
+        "LMS_BRIDGE_FLUSH_MS", "a partial batch is committed once its oldest message has waited this many ms "
+        "(or at `LMS_BRIDGE_BATCH_SIZE` messages)",
         ge=1, le=60_000)] = 50
     # `asyncio` reads MQTT through lms_core/mqtt_fast.py (issue 14): every packet of a read
     # parsed in one pass, no paho. Opt-in until it has run as long as paho has.
     receiver: Annotated[Literal["paho", "asyncio"], setting(
         "LMS_BRIDGE_RECEIVER", "how the bridge reads MQTT: `paho` (paho-mqtt) or `asyncio` (the bridge's own "
-        "MQTT 3.1.1 session, several times less CPU per message)")] = "paho"
+        "MQTT 3.1.1 session: about half the bridge's CPU per message, opt-in)")] = "paho"
     metrics_port: Annotated[int, setting(
         "LMS_BRIDGE_METRICS_PORT", "Prometheus metrics port of the bridge (0 turns it off)", ge=0, le=65535)] = 9101
     metrics_host: Annotated[str, setting(
@@ -184,6 +185,12 @@ class BridgeSettings(msgspec.Struct, frozen=True):
     # 300 s: the broker plugin refuses such messages, so the sweep is defence in depth. Each
     # sweep also receives the live stream for about half a second (bridge/retained.py): at
     # 10 s that cost the bridge ~5% of its live throughput in bench/ingest.py, at 300 s ~0.2%.
+    # Off only to measure what rollups cost (bench/ingest.py): a bridge that does not maintain
+    # them marks them incomplete when it starts, and the aggregate endpoint then reads raw rows
+    # until `lms rollups backfill` has rebuilt them.
+    rollups: Annotated[bool, setting(
+        "LMS_BRIDGE_ROLLUPS", "maintain the 1-minute and 1-hour rollups of readings on ingest "
+        "(`off` marks them incomplete until `lms rollups backfill`)", words=("off", "on"))] = True
 
 
 class ApiSettings(msgspec.Struct, frozen=True):

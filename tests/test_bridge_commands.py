@@ -475,6 +475,60 @@ def test_reconcile_republishes_desired_config_after_the_broker_lost_its_state(ow
     assert asyncio.run(retained_under_org()) == [f"lms/{unique}/cfg/config"]
 
 
+def test_a_broker_that_lost_its_state_while_the_bridge_runs_gets_the_desired_config_back(
+        own_stack: Stack, unique: str) -> None:
+    """The broker restarts without its persistence file (retained messages, sessions) while
+    the bridge runs; the bridge reconnects without its session and publishes the desired
+    configurations again: a device connecting afterwards gets its configuration."""
+    s = own_stack
+    creds = s.create_device(unique, "cfg")
+    _set_desired(s, unique, "cfg", {"interval": 5}, 4)
+    bridge = s.start_bridge()  # its reconcile publishes the configuration, retained
+    dev = Device(s.mq.port, creds)
+    assert dev.connect().value == 0
+    assert _retained_config(s, dev) == [{"interval": 5, "version": 4}]
+    dev.close()
+    restored = '"desired configuration restored after the broker lost its state"'
+    assert restored not in bridge.log_text()  # not on the first connection
+
+    # Lose the broker's persistence file: retained messages and sessions (the logins, in the
+    # dynamic-security file, stay).
+    s.mq.stop()
+    (s.mq.workdir / "mosquitto.db").unlink(missing_ok=True)
+    s.mq.start()
+
+    async def retained() -> list[dict[str, Any]]:
+        """The retained message on the device's config topic, as a new subscriber gets it."""
+        got: list[dict[str, Any]] = []
+
+        def on_message(msg: Any) -> None:
+            if msg.retain:
+                got.append(json.loads(msg.payload))
+
+        async with AsyncMqttClient(s.mqtt_url, on_message=on_message, name="probe") as mqtt:
+            await mqtt.subscribe([f"lms/{unique}/cfg/config"], qos=1)
+            await mqtt.barrier()  # the broker sends a retained message before this answer
+        return got
+
+    wait_until(lambda: asyncio.run(retained()) == [{"interval": 5, "version": 4}], 30,
+               "the desired configuration retained again")
+    assert restored in bridge.log_text()
+    dev = Device(s.mq.port, creds)
+    try:
+        assert dev.connect().value == 0
+        assert _retained_config(s, dev) == [{"interval": 5, "version": 4}]
+    finally:
+        dev.close()
+    # And the ingest went on: a reading is stored.
+    dev = Device(s.mq.port, creds)
+    try:
+        assert dev.connect().value == 0
+        dev.publish_wait("telemetry", json.dumps({"t": 1}))
+        wait_until(lambda: s.scalar("SELECT count(*) FROM readings") == 1, 10, "the reading")
+    finally:
+        dev.close()
+
+
 def test_reconcile_on_a_broker_that_kept_its_state_publishes_the_same_config(stack: Stack, unique: str) -> None:
     creds = stack.create_device(unique, "cfg")
     _set_desired(stack, unique, "cfg", {"a": [1, 2]}, 7)

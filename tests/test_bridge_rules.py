@@ -7,17 +7,21 @@ Device times are an hour back, so that the tests choose every timestamp a rule s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.rules import PairState, Rule, step
-from tests.harness import Device, Stack, stop_client, wait_until
+from tests.harness import ApiProcess, BridgeProcess, Device, Stack, stop_client, wait_until
+from tests.test_api_commands import Org
 
 
 class AlertWatch:
@@ -379,3 +383,149 @@ def test_two_bridges_alternating_on_one_device_share_its_rule_state(own_stack: S
         assert got == expected and len(expected) >= 4
     finally:
         dev.close()
+
+
+# -- rule changes committed while an evaluation is under way ----------------------------------
+
+class HeldLock:
+    """A transaction of the test's own holding a row lock until :meth:`release`: a bridge's
+    transaction that needs the row waits, and the test decides what commits meanwhile."""
+
+    def __init__(self, s: Stack, sql: str, *args: Any) -> None:
+        self.stack = s
+        self.runner = asyncio.Runner()
+        try:
+            self.conn = self.runner.run(asyncpg.connect(s.pg.url))
+            self.runner.run(self.conn.execute("BEGIN"))
+            self.runner.run(self.conn.execute(sql, *args))
+        except BaseException:
+            self.runner.close()
+            raise
+        self.pid = self.conn.get_server_pid()
+
+    def waiters(self, *also: int) -> list[tuple[int, datetime]]:
+        """(pid, transaction start) of the sessions waiting for this one's locks, or for a
+        lock the sessions ``also`` hold or queued for first."""
+        return [(r["pid"], r["xact_start"]) for r in self.stack.query(
+            "SELECT pid, xact_start FROM pg_stat_activity WHERE pg_blocking_pids(pid) && $1::int[] ORDER BY pid",
+            [self.pid, *also])]
+
+    def release(self) -> None:
+        """Roll back (closing the connection ends its transaction)."""
+        try:
+            self.runner.run(self.conn.close())
+        finally:
+            self.runner.close()
+
+
+def _change(org: Org, rule_id: int, change: str) -> None:
+    """Change the rule through the API (its transaction locks the rule, resolves its firing
+    alerts and forgets its state)."""
+    if change == "delete":
+        r = org.call("DELETE", f"/rules/{rule_id}")
+    elif change == "disable":
+        r = org.call("PATCH", f"/rules/{rule_id}", {"enabled": False})
+    else:
+        r = org.call("PATCH", f"/rules/{rule_id}", {"threshold": 100})
+    assert r.status_code in (200, 204), r.text
+
+
+@pytest.mark.parametrize("change", ["delete", "disable", "raise the threshold"])
+def test_a_rule_change_committed_while_a_batch_waits_is_what_the_batch_evaluates(
+        api: ApiProcess, stack: Stack, bridge: BridgeProcess, unique: str, change: str) -> None:
+    """The batch read the rules version and cached the rule (temp > 30); before it evaluates,
+    the API deletes, disables or changes the rule and commits. The batch must evaluate what is
+    committed: no alert under the old rule, and no error (the state row of a deleted rule)."""
+    s = stack
+    org = Org(api, s, unique)
+    dev = Device(s.mq.port, org.device("d"))
+    try:
+        assert dev.connect().value == 0
+        rule = org.call("POST", "/rules", {"name": "hot", "metric": "temp", "comparison": ">", "threshold": 30,
+                                           "scope": {"device": "d"}}).json()["id"]
+        errors = bridge.metric("lms_bridge_rule_errors_total")
+        # The batch's first write to the device's row (its last-seen time) waits for this
+        # lock: after the batch read the rules version, before it evaluates.
+        held = HeldLock(s, "SELECT 1 FROM devices WHERE id = $1 FOR NO KEY UPDATE", _device_id(s, unique, "d"))
+        try:
+            dev.publish_wait("telemetry", json.dumps({"ts": T0, "values": {"temp": 50}}))
+            wait_until(held.waiters, 10, "the batch to wait for the device's row")
+            _change(org, rule, change)
+        finally:
+            held.release()
+        wait_until(lambda: s.scalar("SELECT count(*) FROM readings r JOIN devices d ON d.id = r.device_id "
+                                    "JOIN organizations o ON o.id = d.org_id WHERE o.slug = $1", unique) == 1,
+                   10, "the batch to commit")
+        assert s.query("SELECT a.state FROM alerts a JOIN organizations o ON o.id = a.org_id "
+                       "WHERE o.slug = $1", unique) == []
+        assert bridge.metric("lms_bridge_rule_errors_total") == errors
+    finally:
+        dev.close()
+        org.close()
+
+
+@pytest.mark.parametrize("change", ["delete", "disable"])
+def test_a_rule_change_committed_before_the_no_data_sweep_writes_leaves_no_alert(
+        api: ApiProcess, stack: Stack, bridge: BridgeProcess, unique: str, change: str) -> None:
+    """The sweep's query found a no-data alert due; before the sweep writes it, the API
+    deletes or disables the rule and commits (it queued for the rule's row first). The sweep
+    must neither fire under the rule as it was nor fail on the state row of a deleted rule."""
+    s = stack
+    org = Org(api, s, unique)
+    try:
+        org.device("quiet")
+        dev_id = _device_id(s, unique, "quiet")
+        # A no-data deadline counts from the later of the rule's and the device's creation:
+        # a device "created" in the future keeps the rule from being due until the test says.
+        s.query("UPDATE devices SET created_at = now() + interval '1 hour' WHERE id = $1", dev_id)
+        rule = org.call("POST", "/rules", {"name": "silent", "kind": "no_data", "duration_s": 1,
+                                           "scope": {"org": True}}).json()["id"]
+        errors = bridge.metric("lms_bridge_rule_errors_total")
+        held = HeldLock(s, "SELECT 1 FROM alert_rules WHERE id = $1 FOR UPDATE", rule)
+        changed = threading.Event()
+        change_thread = threading.Thread(target=lambda: (_change(org, rule, change), changed.set()))
+        try:
+            change_thread.start()
+            ((api_pid, _),) = wait_until(held.waiters, 10, "the API's change to wait for the rule")
+            s.query("UPDATE devices SET created_at = now() - interval '1 hour' WHERE id = $1", dev_id)
+            # The sweep queues behind the API for the rule's row.
+            sweep = wait_until(lambda: [w for w in held.waiters(api_pid) if w[0] != api_pid], 15,
+                               "the sweep to wait for the rule")[0]
+        finally:
+            held.release()
+            change_thread.join(30)
+        assert changed.is_set()
+        wait_until(lambda: not s.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND xact_start = $2",
+                                        *sweep), 10, "the sweep's transaction to end")
+        assert bridge.metric("lms_bridge_rule_errors_total") == errors
+        assert s.query("SELECT a.state FROM alerts a JOIN organizations o ON o.id = a.org_id "
+                       "WHERE o.slug = $1", unique) == []
+    finally:
+        org.close()
+
+
+# -- alert messages: from memory after the commit, the drain for the rest ---------------------
+
+def test_the_drain_publishes_due_outbox_rows_and_leaves_leased_ones(stack: Stack, unique: str) -> None:
+    """Rows due at once (the API's) and rows whose lease ran out (a bridge died before the
+    broker acknowledged them) go out through the drain and are deleted; a row still leased
+    (another bridge is publishing it from memory) is left to that bridge."""
+    s = stack
+    s.create_device(unique, "d")
+    watch = AlertWatch(s, unique)
+    try:
+        ids = [r["id"] for r in s.query(
+            """INSERT INTO mqtt_outbox (topic, payload, publish_after)
+               SELECT 'lms/' || $1 || '/d/alerts', convert_to(u.body, 'UTF8'), now() + u.lease * interval '1 second'
+               FROM unnest($2::text[], $3::int[]) AS u(body, lease) ORDER BY u.lease RETURNING id""",
+            unique, ['{"n": "expired"}', '{"n": "api"}', '{"n": "leased"}'], [-60, 0, 3600])]
+        got = wait_until(lambda: len(watch.messages) == 2 and watch.messages, 10, "the two due messages")
+        assert sorted(p["n"] for _, p in got) == ["api", "expired"]
+        remaining = wait_until(
+            lambda: (r := s.query("SELECT id FROM mqtt_outbox WHERE id = ANY($1)", ids)) and len(r) == 1 and r,
+            10, "the published rows to be deleted")
+        assert remaining[0]["id"] == ids[2]
+        assert len(watch.messages) == 2
+    finally:
+        s.query("DELETE FROM mqtt_outbox WHERE topic LIKE $1", f"lms/{unique}/%")
+        watch.stop()

@@ -104,15 +104,12 @@ def test_deleting_an_asset_does_not_silently_delete_its_rules_and_strand_their_a
     assert org.call("DELETE", "/assets/site-a").status_code == 204
 
 
-@pytest.mark.xfail(strict=True, reason="review R2: an alert of a device that left the rule's scope is never "
-                                        "resolved (bridge/rules.py evaluates in-scope pairs only)")
 def test_a_device_that_leaves_a_rules_scope_does_not_keep_its_alert_firing_for_ever(org: RulesOrg,
                                                                                    stack: Stack) -> None:
-    """Finding (not fixed here): a threshold rule scoped to a tag (or an asset) fires for a
-    device; the tag is then taken off the device (or the device detached from the asset). The
-    bridge evaluates only the rules in a device's scope, so nothing ever resolves that alert:
-    it stays ``firing`` for ever, whatever the device sends, unlike a rule that is changed or
-    disabled (``rule changed`` / ``rule disabled``)."""
+    """Finding (fixed: the bridge's sweep resolves it, "device left the rule's scope"): a
+    threshold rule scoped to a tag (or an asset) fires for a device; the tag is then taken off
+    the device (or the device detached from the asset). The bridge evaluates only the rules in
+    a device's scope, so nothing resolved that alert: it stayed ``firing`` for ever."""
     creds = org.device("pump-1", tags=["hot"])
     dev = Device(stack.mq.port, creds)
     assert dev.connect().value == 0
@@ -125,8 +122,9 @@ def test_a_device_that_leaves_a_rules_scope_does_not_keep_its_alert_firing_for_e
         assert org.call("PATCH", "/devices/pump-1", {"tags": []}).status_code == 200
         time.sleep(1.5)
         dev.publish_wait("telemetry", json.dumps({"temp": 10}))
-        wait_until(lambda: org.call("GET", f"/alerts/{firing[0]['id']}").json()["state"] == "resolved", 15,
-                   "the alert of a device no longer in the rule's scope to resolve")
+        alert = wait_until(lambda: (a := org.call("GET", f"/alerts/{firing[0]['id']}").json())["state"] == "resolved"
+                           and a, 15, "the alert of a device no longer in the rule's scope to resolve")
+        assert alert["resolved_reason"] == "device left the rule's scope", alert
     finally:
         dev.stop()
 

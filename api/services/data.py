@@ -3,7 +3,7 @@ organization's devices.
 
 Every query is per device and rides the unique index (device_id, metric, time DESC);
 aggregates use ``date_bin`` (plain PostgreSQL and TimescaleDB alike). Raw lists page by
-keyset (an opaque cursor), never by offset. Exports stream from a server-side cursor
+keyset (an opaque cursor), never by offset. Exports stream window by window
 (``Export``; the HTTP side, which cuts off a stalled reader, is in api/data.py).
 """
 
@@ -23,6 +23,7 @@ import msgspec
 
 from api.inputs import unstorable
 from api.services.errors import RateLimited
+from lms_core import rollups
 from lms_core.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
@@ -154,6 +155,40 @@ AGGREGATE_SQL = """
     GROUP BY 1, 2 ORDER BY 1, 2"""
 
 
+#: The same buckets from rollups where they can answer (lms_core/rollups.py plan): hours in
+#: [$7[i], $8[i]), minutes in [$5[i], $6[i]), raw rows in [$9[i], $10[i]) - disjoint pieces,
+#: each rollup row inside one requested bucket. Buckets of ($3 wide from $2) for device $1
+#: and metrics $4. avg is the sum over the count of numeric readings; count counts text
+#: readings too, and last is the value of the newest reading (NULL if it is text), as in
+#: AGGREGATE_SQL. Each piece is its own index range scan (``OFFSET 0`` keeps the subqueries from
+#: being flattened into a join, whose generic plan read the device's whole history per piece).
+ROLLUP_AGGREGATE_SQL = """
+    WITH parts AS (
+        SELECT date_bin($3::interval, r.bucket, $2) AS bucket, r.metric, r.n, r.nv, r.sum, r.min, r.max,
+               r.last_time, r.last_value
+        FROM unnest($7::timestamptz[], $8::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT * FROM readings_1h WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
+        UNION ALL
+        SELECT date_bin($3::interval, r.bucket, $2), r.metric, r.n, r.nv, r.sum, r.min, r.max, r.last_time, r.last_value
+        FROM unnest($5::timestamptz[], $6::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT * FROM readings_1m WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
+        UNION ALL
+        SELECT date_bin($3::interval, r.time, $2), r.metric, 1, (r.value IS NOT NULL)::integer, coalesce(r.value, 0),
+               r.value, r.value, r.time, r.value
+        FROM unnest($9::timestamptz[], $10::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT time, metric, value FROM readings WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND time >= p.lo AND time < p.hi OFFSET 0) r)
+    SELECT bucket, metric, sum(sum) / nullif(sum(nv), 0)::float8 AS avg, min(min) AS min, max(max) AS max,
+           sum(n)::bigint AS count, (array_agg(last_value ORDER BY last_time DESC))[1] AS last
+    FROM parts GROUP BY 1, 2 ORDER BY 1, 2"""
+
+
+def _pieces(pieces: list[rollups.Piece], source: int) -> tuple[list[datetime], list[datetime]]:
+    return [p.start for p in pieces if p.source == source], [p.end for p in pieces if p.source == source]
+
+
 async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list[str]:
     """The metrics to query, always as a list: ``metric = ANY($n)`` then bounds the index
     (device_id, metric, time) by time for each of them. An "all metrics" query written as
@@ -165,14 +200,37 @@ async def _metric_list(pool: Any, dev_id: int, wanted: list[str] | None) -> list
 
 
 
+#: A page of raw readings in (time, metric) order after the cursor ($5, $6): the first $7 of
+#: each metric, each read along the index (device_id, metric, time) from the cursor on, then
+#: merged. A page costs at most metrics x $7 rows. One ``metric = ANY`` scan ordered by
+#: (time, metric) would read and sort every row of the range first (864k rows for 24 hours of
+#: 10 metrics at 1 Hz; bench/api_queries.py).
+READINGS_PAGE_SQL = """
+    SELECT r.* FROM unnest($4::text[]) AS m(metric) CROSS JOIN LATERAL (
+        SELECT time, metric, value, text_value FROM readings
+        WHERE device_id = $1 AND metric = m.metric AND time < $3
+          AND time >= CASE WHEN $5::timestamptz IS NULL OR $5 < $2 THEN $2 ELSE $5 END
+          AND ($5 IS NULL OR time > $5 OR m.metric > $6::text)
+        ORDER BY time LIMIT $7) r
+    ORDER BY r.time, r.metric LIMIT $7"""
+
 #: Rows per fetch from the export cursor and per chunk written to the client.
 EXPORT_CHUNK_ROWS = 2000
 #: A hint only: exports finish or are cut off within the stall time.
 EXPORT_RETRY_AFTER_S = 5
 
+#: One window of an export, from ($2, after metric $5) on: at most $6 rows, in (time, metric) order.
 _EXPORT_SQL = """SELECT time, metric, value, text_value FROM readings
                  WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
-                 ORDER BY time, metric"""
+                   AND ($5::text IS NULL OR time > $2 OR metric > $5)
+                 ORDER BY time, metric LIMIT $6"""
+#: An export reads the range in time windows, each sorted by (time, metric) on its own, rather
+#: than sorting the whole range before its first row (a 30-day export of 10 metrics at 1 Hz is
+#: 26M rows). The window starts at a minute and follows the data: doubled while a window
+#: yields under half a chunk, halved when it holds more than a chunk (whose rest is then read
+#: from the last row on, by keyset).
+EXPORT_FIRST_WINDOW = timedelta(minutes=1)
+EXPORT_MIN_WINDOW = timedelta(milliseconds=1)
 
 
 class ExportSlots:
@@ -218,13 +276,17 @@ def csv_text(value: str | None) -> str:
 
 
 class Export:
-    """One export: a connection of the export pool, a read-only transaction with a server-side
-    cursor, and the slot it holds. :meth:`close` gives all of them back, once."""
+    """One export: a connection of the export pool, a read-only repeatable-read transaction
+    (one snapshot for every window), and the slot it holds. :meth:`close` gives all of them
+    back, once."""
 
-    def __init__(self, pool: Any, conn: Any, tx: Any, cursor: Any, first: list[Any], slots: ExportSlots,
+    def __init__(self, pool: Any, conn: Any, tx: Any, args: tuple[Any, ...], slots: ExportSlots,
                  user: int, format: str) -> None:
-        self._pool, self._conn, self._tx, self._cursor = pool, conn, tx, cursor
-        self._first: list[Any] | None = first
+        self._pool, self._conn, self._tx = pool, conn, tx
+        self._dev, self._start, self._end, self._metrics = args
+        self._window = EXPORT_FIRST_WINDOW
+        self._after: str | None = None  # the metric of the last row sent, at time _start
+        self._first: list[Any] | None = None
         self._slots, self._user, self._format = slots, user, format
         self._closed = False
 
@@ -233,14 +295,31 @@ class Export:
         # The export pool has a connection per slot, so this does not wait on other exports.
         conn = await pool.acquire(timeout=10)
         try:
-            tx = conn.transaction(readonly=True)
+            tx = conn.transaction(readonly=True, isolation="repeatable_read")
             await tx.start()
-            cursor = await conn.cursor(_EXPORT_SQL, *args)
-            first = await cursor.fetch(EXPORT_CHUNK_ROWS)
+            export = cls(pool, conn, tx, args, slots, user, format)
+            export._first = await export._next()
         except BaseException:
             await pool.release(conn)  # releasing rolls the transaction back
             raise
-        return cls(pool, conn, tx, cursor, first, slots, user, format)
+        return export
+
+    async def _next(self) -> list[Any]:
+        """The next rows in (time, metric) order: at least one, unless the export is done."""
+        while self._start < self._end:
+            hi = min(self._start + self._window, self._end)
+            rows = await self._conn.fetch(_EXPORT_SQL, self._dev, self._start, hi, self._metrics, self._after,
+                                          EXPORT_CHUNK_ROWS)
+            if len(rows) == EXPORT_CHUNK_ROWS:  # more in this window: go on from the last row, narrower
+                self._start, self._after = rows[-1]["time"], rows[-1]["metric"]
+                self._window = max(self._window / 2, EXPORT_MIN_WINDOW)
+                return rows
+            self._start, self._after = hi, None
+            if len(rows) < EXPORT_CHUNK_ROWS // 2:
+                self._window = min(self._window * 2, MAX_SPAN)
+            if rows:
+                return rows
+        return []
 
     async def chunks(self) -> AsyncIterator[bytes]:
         if self._format == "csv":
@@ -248,9 +327,7 @@ class Export:
         rows, self._first = self._first or [], None
         while rows:
             yield self._encode(rows)
-            if len(rows) < EXPORT_CHUNK_ROWS:
-                break
-            rows = await self._cursor.fetch(EXPORT_CHUNK_ROWS)
+            rows = await self._next()
         await self.close()  # release early: before the last bytes reach the client
 
     def _encode(self, rows: list[Any]) -> bytes:
@@ -301,12 +378,8 @@ class DataService:
         after = _uncursor(cursor)
         after_t = after[0] if after else None
         rows = await self.pool.fetch(
-            """SELECT time, metric, value, text_value FROM readings
-               WHERE device_id = $1 AND metric = ANY ($4::text[]) AND time >= $2 AND time < $3
-                 AND ($5::timestamptz IS NULL OR (time, metric) > ($5, $6::text))
-               ORDER BY time, metric LIMIT $7""",
-            dev_id, t0, t1, await _metric_list(self.pool, dev_id, metric), after_t, after[1] if after else None,
-            limit + 1)
+            READINGS_PAGE_SQL, dev_id, t0, t1, await _metric_list(self.pool, dev_id, metric), after_t,
+            after[1] if after else None, limit + 1)
         items = [Reading(time=r["time"], metric=r["metric"], value=r["value"], text=r["text_value"])
                  for r in rows[:limit]]
         nxt = _cursor(items[-1].time.isoformat(), items[-1].metric) if len(rows) > limit else None
@@ -323,8 +396,13 @@ class DataService:
         bad = [f for f in wanted if f not in AGGREGATES]
         if bad:
             raise InvalidInput(f"unknown aggregate {bad[0]!r}; use {', '.join(AGGREGATES)}")
-        rows = await self.pool.fetch(
-            AGGREGATE_SQL, dev_id, t0, t1, width, await _metric_list(self.pool, dev_id, metric))
+        metrics = await _metric_list(self.pool, dev_id, metric)
+        pieces = rollups.plan(t0, t1, width) if await rollups.complete(self.pool) else []
+        if any(p.source for p in pieces):
+            rows = await self.pool.fetch(ROLLUP_AGGREGATE_SQL, dev_id, t0, width, metrics, *_pieces(pieces, 60),
+                                         *_pieces(pieces, 3600), *_pieces(pieces, 0))
+        else:  # nothing a rollup can answer (or they are still being built): raw rows alone
+            rows = await self.pool.fetch(AGGREGATE_SQL, dev_id, t0, t1, width, metrics)
         return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
 
     async def latest(self, access: OrgAccess, device: str) -> list[Reading]:

@@ -264,9 +264,9 @@ class RuleService:
 
     async def _locked(self, conn: asyncpg.Connection, access: OrgAccess, rule_id: int) -> Rule:
         """The rule, its row locked FOR UPDATE. Taken before anything else of the rule's: a
-        bridge's batch that already evaluates it (holding its ``rule_state`` rows, whose
-        foreign key holds a share lock on the rule) commits first, and a new one waits for
-        this transaction, so the two never wait on each other in a cycle."""
+        bridge's batch or sweep that already evaluates it (holding the rule's row FOR SHARE,
+        bridge/rules.py ``lock_rules``) commits first, and a new one waits for this
+        transaction and then sees the change, so the two never wait on each other in a cycle."""
         found = await conn.fetchval("SELECT id FROM alert_rules WHERE id = $1 AND org_id = $2 FOR UPDATE",
                                     rule_id, access.org_id)
         if found is None:
