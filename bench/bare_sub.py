@@ -4,7 +4,11 @@ What the bridge does minus the database: paho 2.x callback API, ``loop_forever``
 3.1.1, a persistent session (clean_session=False), a QoS-1 subscription, and
 automatic acknowledgement on receipt. It does nothing with a message but count it.
 
-usage: bare_sub.py URL CLIENT_ID FILTER TARGET [--timeout S] [--clean]
+usage: bare_sub.py URL CLIENT_ID FILTER TARGET [--timeout S] [--clean] [--receiver paho|asyncio]
+
+``--receiver asyncio`` counts through lms_core/mqtt_fast.py instead (the bridge's
+``LMS_BRIDGE_RECEIVER=asyncio``), acknowledging each read's messages in one write: the
+client-side limit of that path.
 
 It prints one JSON object per line on stdout (times are ``time.monotonic()``, i.e.
 CLOCK_MONOTONIC, comparable with the parent process's clock):
@@ -21,13 +25,17 @@ its subscriptions), disconnects and exits: the way the benchmark removes a sessi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import threading
 import time
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # lms_core, for --receiver asyncio
 from paho.mqtt.enums import CallbackAPIVersion
 
 
@@ -44,7 +52,10 @@ def main() -> int:
     ap.add_argument("target", type=int)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--clean", action="store_true")
+    ap.add_argument("--receiver", choices=["paho", "asyncio"], default="paho")
     args = ap.parse_args()
+    if args.receiver == "asyncio":
+        return asyncio.run(fast(args))
     u = urlsplit(args.url)
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=paho.MQTTv311,
@@ -105,6 +116,48 @@ def main() -> int:
     client.loop_forever()
     timer.cancel()
     return 0 if state["ok"] else 1
+
+
+async def fast(args: argparse.Namespace) -> int:
+    from lms_core.mqtt_fast import FastMessage, FastMqttClient
+    from lms_core.settings import MqttUrl
+
+    target = args.target
+    state = {"count": 0, "first": 0.0, "next_progress": 0.0}
+    done = asyncio.Event()
+
+    def on_message(msg: FastMessage) -> None:
+        n = state["count"] = state["count"] + 1
+        if n == 1:
+            now = state["first"] = time.monotonic()
+            emit(event="first", t=now)
+        if n % 1000 == 0:
+            now = time.monotonic()
+            if now >= state["next_progress"]:
+                state["next_progress"] = now + 1.0
+                emit(event="progress", count=n, t=now)
+        if n == target:
+            emit(event="done", count=n, t=time.monotonic(), first=state["first"], cpu=round(time.process_time(), 3))
+            done.set()
+
+    client = FastMqttClient(MqttUrl.parse(args.url), client_id=args.client_id, persistent=not args.clean,
+                            keepalive=60, on_message=on_message,
+                            on_connect=lambda present: emit(event="connected", t=time.monotonic(),
+                                                            session_present=present))
+    async with client:
+        if args.clean:
+            return 0
+        await client.subscribe([args.filter], qos=1)
+        emit(event="subscribed", t=time.monotonic())
+        if target <= 0:
+            return 0
+        try:
+            await asyncio.wait_for(done.wait(), args.timeout)
+        except TimeoutError:
+            emit(event="timeout", count=state["count"], t=time.monotonic())
+            return 1
+        await client.barrier()
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ telemetry, so one message = 3 rows) and measures, per repeat:
   bare live     receipt), with the bridge's session removed so that no other group gets
                 a copy of the messages.
 
+Unless --paho-only, the bridge (rollups on) and the bare subscriber run once more on
+LMS_BRIDGE_RECEIVER=asyncio (lms_core/mqtt_fast.py; bare_sub.py --receiver asyncio), and a
+second table sets the two receivers side by side.
+
 Everything (broker, database, bridge, subscriber, publishers) shares this machine's cores:
 the numbers are whole-box figures. Results are printed as Markdown and written as JSON to
 bench/results/. Every wait has a timeout and the stack is torn down on any exit.
@@ -178,9 +182,10 @@ class Publishers:
 class BareSub:
     """bench/bare_sub.py as a child process; its JSON event lines are collected."""
 
-    def __init__(self, url: str, client_id: str, target: int, timeout: float, clean: bool = False) -> None:
+    def __init__(self, url: str, client_id: str, target: int, timeout: float, clean: bool = False,
+                 receiver: str = "paho") -> None:
         args = [sys.executable, str(BENCH / "bare_sub.py"), url, client_id, BARE_FILTER, str(target),
-                "--timeout", str(timeout)] + (["--clean"] if clean else [])
+                "--timeout", str(timeout), "--receiver", receiver] + (["--clean"] if clean else [])
         self.t_start = time.monotonic()
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.timeout = timeout
@@ -383,12 +388,13 @@ class Bench:
 
     # bridge ----------------------------------------------------------------------------
 
-    def bridge_phases(self, rep: int, rollups: bool = True) -> dict[str, Any]:
+    def bridge_phases(self, rep: int, rollups: bool = True, receiver: str = "paho") -> dict[str, Any]:
         n = self.per_phase
-        res: dict[str, Any] = {"rollups": rollups}
-        rep_label = f"{rep}, rollups {'on' if rollups else 'off'}"
+        res: dict[str, Any] = {"rollups": rollups, "receiver": receiver}
+        rep_label = f"{rep}, rollups {'on' if rollups else 'off'}, receiver {receiver}"
         say(f"[{rep_label}] bridge drain: start the bridge once (session + subscription), stop it")
-        b = self.stack.start_bridge(BRIDGE_CLIENT_ID, LMS_BRIDGE_ROLLUPS="on" if rollups else "off")
+        b = self.stack.start_bridge(BRIDGE_CLIENT_ID, LMS_BRIDGE_ROLLUPS="on" if rollups else "off",
+                                    LMS_BRIDGE_RECEIVER=receiver)
         if b.stop() != 0:
             raise BenchError(f"bridge exited with {b.proc.returncode if b.proc else '?'} on SIGTERM")
         pubs = self.publish(f"[{rep_label}] bridge drain: backlog")
@@ -472,8 +478,9 @@ class Bench:
 
     # bare subscriber ------------------------------------------------------------------
 
-    def bare_phases(self, rep: int) -> dict[str, Any]:
+    def bare_phases(self, n_rep: int, receiver: str = "paho") -> dict[str, Any]:
         n = self.per_phase
+        rep = f"{n_rep}, receiver {receiver}"
         url = self.stack.mq.service_url
         res: dict[str, Any] = {}
         say(f"[{rep}] bare drain: create the subscriber's session, queue the backlog")
@@ -483,7 +490,7 @@ class Bench:
         say(f"  backlog of {n:,} queued in {res['drain_publishers']['wall_s']} s "
             f"({res['drain_publishers']['msg_per_s']:,.0f} msg/s); starting the bare subscriber")
         meter = CpuMeter(self.stack)
-        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n))
+        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n), receiver=receiver)
         self.live_children.append(s)
         self._follow(s, f"[{rep}] bare drain", n)
         cpu = meter.stop()
@@ -507,7 +514,7 @@ class Bench:
             f"steady {fmt(d['msg_per_s_steady'])} msg/s; cpu {cpu}")
 
         say(f"[{rep}] bare live: subscriber and publishers together")
-        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n))
+        s = BareSub(url, BARE_CLIENT_ID, n, self.timeout_for(n), receiver=receiver)
         self.live_children.append(s)
         s.wait_event("subscribed", 30)
         meter = CpuMeter(self.stack)
@@ -623,6 +630,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             ("drain_from_process_start", ("drain", "msg_per_s_from_process_start")),
             ("drain_from_connect", ("drain", "msg_per_s_from_connect")),
             ("drain_steady", ("drain", "msg_per_s_steady")), ("live", ("live", "msg_per_s")))}
+    if all("bridge_asyncio" in r and "bare_asyncio" in r for r in runs):
+        s["asyncio"] = {c: {k: pick(c, *path) for k, path in (
+            ("drain_from_process_start", ("drain", "msg_per_s_from_process_start")),
+            ("drain_from_connect", ("drain", "msg_per_s_from_connect")),
+            ("drain_steady", ("drain", "msg_per_s_steady")), ("live", ("live", "msg_per_s")))}
+            for c in ("bridge_asyncio", "bare_asyncio")}
+        s["asyncio"]["bridge_peak_rss_kb"] = max(r["bridge_asyncio"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_peak_rss_kb"] = max(r["bridge"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_drain_peak_rss_kb"] = max(r["bridge"]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_startup_to_connect_s"] = pick("bridge", "drain", "bridge_startup_to_connect_s")
@@ -668,6 +682,24 @@ def table(s: dict[str, Any], n: int, repeat: int) -> str:
             a, b = on[k], off[k]
             lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | "
                          f"{'n/a' if a is None or b is None else f'{a / b:.3f}'} |")
+    fast = s.get("asyncio")
+    if fast:
+        lines += ["", "The receivers (LMS_BRIDGE_RECEIVER, rollups on), same run; ratios against the bare paho "
+                  "subscriber:", "",
+                  "| phase | bridge paho | bridge asyncio | bare paho | bare asyncio | bridge paho / bare paho "
+                  "| bridge asyncio / bare paho | bridge asyncio / bridge paho |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for k, label in (("drain_from_process_start", "drain, from process start"),
+                         ("drain_from_connect", "drain, from MQTT connect"), ("drain_steady", "drain, steady"),
+                         ("live", "live")):
+            bp, ba = s[k]["bridge"], fast["bridge_asyncio"][k]
+            sp, sa = s[k]["bare"], fast["bare_asyncio"][k]
+
+            def ratio(a: float | None, b: float | None) -> str:
+                return "n/a" if a is None or not b else f"{a / b:.2f}"
+
+            lines.append(f"| {label} | {fmt(bp)} | {fmt(ba)} | {fmt(sp)} | {fmt(sa)} | {ratio(bp, sp)} | "
+                         f"{ratio(ba, sp)} | {ratio(ba, bp)} |")
     return "\n".join(lines)
 
 
@@ -680,6 +712,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (logs) after the run")
     ap.add_argument("--rollups-only", action="store_true",
                     help="skip the bridge phases with rollups off (LMS_BRIDGE_ROLLUPS=off)")
+    ap.add_argument("--paho-only", action="store_true",
+                    help="skip the bridge and bare subscriber on LMS_BRIDGE_RECEIVER=asyncio (lms_core/mqtt_fast.py)")
     args = ap.parse_args()
     if args.messages < 1 or args.devices < 1 or args.repeat < 1 or args.window < 1:
         ap.error("all numbers must be positive")
@@ -706,7 +740,11 @@ def main() -> int:
             # Rollups on and off back to back, in alternating order, so drift hits both alike.
             for rollups in ((True, False) if rep % 2 else (False, True))[:1 if args.rollups_only else 2]:
                 run["bridge" if rollups else "bridge_off"] = bench.bridge_phases(rep, rollups)
+            if not args.paho_only:
+                run["bridge_asyncio"] = bench.bridge_phases(rep, True, "asyncio")
             run["bare"] = bench.bare_phases(rep)
+            if not args.paho_only:
+                run["bare_asyncio"] = bench.bare_phases(rep, "asyncio")
             runs.append(run)
         ok = True
     except (BenchError, AssertionError) as exc:
@@ -741,6 +779,8 @@ def main() -> int:
         f"(after drain alone: {s['bridge_drain_peak_rss_kb'] / 1024:.1f} MiB)",
         f"- bridge process start -> MQTT connected: {s['bridge_startup_to_connect_s']:.2f} s "
         f"(bare subscriber: {s['bare_startup_to_connect_s']:.2f} s)",
+        *([f"- bridge on the asyncio receiver, peak RSS (VmHWM): {s['asyncio']['bridge_peak_rss_kb'] / 1024:.1f} MiB"]
+          if "asyncio" in s else []),
         "- drain: backlog queued by Mosquitto for the consumer's persistent session while it was stopped; "
         "bridge = messages committed to PostgreSQL (lms_bridge_messages_stored_total, polled), "
         "bare = messages received and auto-acknowledged by bench/bare_sub.py",

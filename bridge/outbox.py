@@ -37,7 +37,7 @@ import asyncpg
 from bridge.metrics import BridgeMetrics
 from lms_core.db import translate
 from lms_core.errors import BrokerError, DatabaseUnavailable, StorageError
-from lms_core.mqtt import AsyncMqttClient
+from lms_core.mqtt_fast import MqttSession
 
 log = logging.getLogger("lms.bridge.outbox")
 
@@ -65,7 +65,7 @@ class OutboxMessage(NamedTuple):
 class AlertOutbox:
     """Publishes ``mqtt_outbox`` rows on the bridge's connection (module docstring)."""
 
-    def __init__(self, pool: asyncpg.Pool, mqtt: AsyncMqttClient, metrics: BridgeMetrics,
+    def __init__(self, pool: asyncpg.Pool, mqtt: MqttSession, metrics: BridgeMetrics,
                  interval: float = DRAIN_S) -> None:
         self.pool = pool
         self.mqtt = mqtt

@@ -93,7 +93,9 @@ class Stack:
         return MqttUrl.parse(self.mq.service_url)
 
     def env(self, **overrides: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LMS_")}
+        # LMS_BRIDGE_RECEIVER passes through: `LMS_BRIDGE_RECEIVER=asyncio pytest ...` runs every
+        # bridge of the suite on the asyncio receiver (lms_core/mqtt_fast.py).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LMS_") or k == "LMS_BRIDGE_RECEIVER"}
         env.update({
             "LMS_DATABASE_URL": self.pg.url,
             "LMS_MQTT_URL": self.mq.service_url,

@@ -116,7 +116,8 @@ def test_an_unknown_database_error_during_commit_is_retried_not_fatal(own_stack:
     translated once, in the store, and the ingest loop retries ``DatabaseUnavailable``."""
     s = own_stack
     creds = s.create_device(unique, "d")
-    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc", LMS_BRIDGE_FLUSH_MS="20")
+    # paho's receiver: the late answer is injected through paho's callback.
+    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc", LMS_BRIDGE_FLUSH_MS="20", LMS_BRIDGE_RECEIVER="paho")
 
     async def run() -> tuple[int, int]:
         settings = Settings.from_env(env)
@@ -218,7 +219,8 @@ def test_a_late_unsuback_does_not_stop_the_bridge(own_stack: Stack, unique: str)
     first UNSUBACK reaches the client 12 s late."""
     s = own_stack
     creds = s.create_device(unique, "d")
-    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc", LMS_BRIDGE_FLUSH_MS="20")
+    # paho's receiver: the late answer is injected through paho's callback.
+    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc", LMS_BRIDGE_FLUSH_MS="20", LMS_BRIDGE_RECEIVER="paho")
 
     async def run() -> tuple[bool, int]:
         settings = Settings.from_env(env)

@@ -12,6 +12,8 @@ from tests.harness import BridgeProcess, Device, Stack, stamped, wait_until
 
 DEVICES = 3
 PER_DEVICE = 10_000  # 30,000 messages in flight across each fault
+#: Both ways the bridge reads MQTT (LMS_BRIDGE_RECEIVER): paho and lms_core/mqtt_fast.py.
+RECEIVERS = pytest.mark.parametrize("receiver", ["paho", "asyncio"])
 
 
 def _stream(s: Stack, org: str, devices: int, per_device: int) -> tuple[list[Device], list[threading.Thread],
@@ -73,8 +75,9 @@ def _run_with_fault(s: Stack, org: str, fault: Callable[[], None], bridges: list
 
 
 @pytest.mark.slow
-def test_bridge_killed_with_sigkill_mid_stream_loses_nothing(own_stack: Stack, unique: str) -> None:
-    bridge = own_stack.start_bridge()
+@RECEIVERS
+def test_bridge_killed_with_sigkill_mid_stream_loses_nothing(own_stack: Stack, unique: str, receiver: str) -> None:
+    bridge = own_stack.start_bridge(LMS_BRIDGE_RECEIVER=receiver)
 
     def fault() -> None:
         bridge.kill()
@@ -85,8 +88,10 @@ def test_bridge_killed_with_sigkill_mid_stream_loses_nothing(own_stack: Stack, u
 
 
 @pytest.mark.slow
-def test_postgres_stopped_for_ten_seconds_mid_stream_loses_nothing(own_stack: Stack, unique: str) -> None:
-    bridge = own_stack.start_bridge()
+@RECEIVERS
+def test_postgres_stopped_for_ten_seconds_mid_stream_loses_nothing(own_stack: Stack, unique: str,
+                                                                  receiver: str) -> None:
+    bridge = own_stack.start_bridge(LMS_BRIDGE_RECEIVER=receiver)
 
     def fault() -> None:
         own_stack.pg.stop()
@@ -98,8 +103,9 @@ def test_postgres_stopped_for_ten_seconds_mid_stream_loses_nothing(own_stack: St
 
 
 @pytest.mark.slow
-def test_mosquitto_restarted_mid_stream_loses_nothing(own_stack: Stack, unique: str) -> None:
-    bridge = own_stack.start_bridge()
+@RECEIVERS
+def test_mosquitto_restarted_mid_stream_loses_nothing(own_stack: Stack, unique: str, receiver: str) -> None:
+    bridge = own_stack.start_bridge(LMS_BRIDGE_RECEIVER=receiver)
 
     def fault() -> None:
         own_stack.mq.stop()
