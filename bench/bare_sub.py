@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -42,6 +43,24 @@ from paho.mqtt.enums import CallbackAPIVersion
 def emit(**fields: object) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
+
+
+def count(state: dict[str, Any], target: int) -> bool:
+    """Count one message (the same for both receivers): the first, progress once a second,
+    and ``done`` at ``target``; returns whether this was the target-th."""
+    n = state["count"] = state["count"] + 1
+    if n == 1:
+        now = state["first"] = time.monotonic()
+        emit(event="first", t=now)
+    if n % 1000 == 0:
+        now = time.monotonic()
+        if now >= state["next_progress"]:
+            state["next_progress"] = now + 1.0
+            emit(event="progress", count=n, t=now)
+    if n == target:
+        emit(event="done", count=n, t=time.monotonic(), first=state["first"], cpu=round(time.process_time(), 3))
+        return True
+    return False
 
 
 def main() -> int:
@@ -87,17 +106,7 @@ def main() -> int:
             c.disconnect()
 
     def on_message(c: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        n = state["count"] = state["count"] + 1
-        if n == 1:
-            now = state["first"] = time.monotonic()
-            emit(event="first", t=now)
-        if n % 1000 == 0:
-            now = time.monotonic()
-            if now >= state["next_progress"]:
-                state["next_progress"] = now + 1.0
-                emit(event="progress", count=n, t=now)
-        if n == target:
-            emit(event="done", count=n, t=time.monotonic(), first=state["first"], cpu=round(time.process_time(), 3))
+        if count(state, target):
             state["ok"] = True
             c.disconnect()
 
@@ -127,17 +136,7 @@ async def fast(args: argparse.Namespace) -> int:
     done = asyncio.Event()
 
     def on_message(msg: FastMessage) -> None:
-        n = state["count"] = state["count"] + 1
-        if n == 1:
-            now = state["first"] = time.monotonic()
-            emit(event="first", t=now)
-        if n % 1000 == 0:
-            now = time.monotonic()
-            if now >= state["next_progress"]:
-                state["next_progress"] = now + 1.0
-                emit(event="progress", count=n, t=now)
-        if n == target:
-            emit(event="done", count=n, t=time.monotonic(), first=state["first"], cpu=round(time.process_time(), 3))
+        if count(state, target):
             done.set()
 
     client = FastMqttClient(MqttUrl.parse(args.url), client_id=args.client_id, persistent=not args.clean,
