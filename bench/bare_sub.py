@@ -4,11 +4,16 @@ What the bridge does minus the database: paho 2.x callback API, ``loop_forever``
 3.1.1, a persistent session (clean_session=False), a QoS-1 subscription, and
 automatic acknowledgement on receipt. It does nothing with a message but count it.
 
-usage: bare_sub.py URL CLIENT_ID FILTER TARGET [--timeout S] [--clean] [--receiver paho|asyncio]
+usage: bare_sub.py URL CLIENT_ID FILTER TARGET [--timeout S] [--clean] [--receiver paho|asyncio|mosquitto_sub]
 
 ``--receiver asyncio`` counts through lms_core/mqtt_fast.py instead (the bridge's
 ``LMS_BRIDGE_RECEIVER=asyncio``), acknowledging each read's messages in one write: the
-client-side limit of that path.
+client-side limit of that path. ``--receiver mosquitto_sub`` runs Mosquitto's own client
+(libmosquitto, C; ``-c -q 1 -C TARGET -F x``: a persistent session, QoS 1, acknowledged on
+receipt, one byte and a newline printed per message) and counts the newlines it writes: the
+field technician's tool as a yardstick. It cannot say when it connected, so ``connected``
+and ``subscribed`` are given 0.5 s after it started (or at its first message, if earlier);
+``first`` is the first output read.
 
 It prints one JSON object per line on stdout (times are ``time.monotonic()``, i.e.
 CLOCK_MONOTONIC, comparable with the parent process's clock):
@@ -71,10 +76,12 @@ def main() -> int:
     ap.add_argument("target", type=int)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--clean", action="store_true")
-    ap.add_argument("--receiver", choices=["paho", "asyncio"], default="paho")
+    ap.add_argument("--receiver", choices=["paho", "asyncio", "mosquitto_sub"], default="paho")
     args = ap.parse_args()
     if args.receiver == "asyncio":
         return asyncio.run(fast(args))
+    if args.receiver == "mosquitto_sub" and not args.clean and args.target > 0:
+        return mosquitto_sub(args)
     u = urlsplit(args.url)
 
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=args.client_id, protocol=paho.MQTTv311,
@@ -156,6 +163,57 @@ async def fast(args: argparse.Namespace) -> int:
             emit(event="timeout", count=state["count"], t=time.monotonic())
             return 1
         await client.barrier()
+    return 0
+
+
+def mosquitto_sub(args: argparse.Namespace) -> int:
+    import os
+    import select
+    import subprocess
+
+    u = urlsplit(args.url)
+    cmd = ["mosquitto_sub", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 1883),
+           "-u", unquote(u.username or ""), "-P", unquote(u.password or ""), "-i", args.client_id,
+           "-c", "-q", "1", "-k", "60", "-t", args.filter, "-C", str(args.target), "-F", "x"]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    n, told, first = 0, False, 0.0
+    next_progress = 0.0
+    deadline = started + args.timeout
+    while True:
+        now = time.monotonic()
+        if not told and (n or now - started >= 0.5):
+            told = True
+            emit(event="connected", t=min(now, started + 0.5), session_present=True)
+            emit(event="subscribed", t=min(now, started + 0.5))
+        if now > deadline:
+            proc.kill()
+            emit(event="timeout", count=n, t=now)
+            return 1
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        if not n:
+            first = time.monotonic()
+            emit(event="first", t=first)
+        n += chunk.count(b"\n")
+        if time.monotonic() >= next_progress:
+            next_progress = time.monotonic() + 1.0
+            emit(event="progress", count=n, t=time.monotonic())
+    end = time.monotonic()
+    rc = proc.wait()
+    import resource
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if rc != 0 or n < args.target:
+        err = proc.stderr.read().decode(errors="replace")[-300:] if proc.stderr else ""
+        emit(event="refused", reason=f"mosquitto_sub exited {rc} after {n} messages: {err}", t=end)
+        return 1
+    emit(event="done", count=n, t=end, first=first, cpu=round(cpu.ru_utime + cpu.ru_stime, 3))
     return 0
 
 

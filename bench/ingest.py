@@ -635,8 +635,24 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             ("drain_from_process_start", ("drain", "msg_per_s_from_process_start")),
             ("drain_from_connect", ("drain", "msg_per_s_from_connect")),
             ("drain_steady", ("drain", "msg_per_s_steady")), ("live", ("live", "msg_per_s")))}
-            for c in ("bridge_asyncio", "bare_asyncio")}
+            for c in ("bridge_asyncio", "bare_asyncio", "bare_mosquitto_sub") if all(c in r for r in runs)}
         s["asyncio"]["bridge_peak_rss_kb"] = max(r["bridge_asyncio"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
+    # Where the time goes: CPU per message of each process during the drains.
+    s["cpu_us_per_msg"] = {}
+    for c in ("bridge", "bridge_off", "bridge_asyncio", "bare", "bare_asyncio", "bare_mosquitto_sub"):
+        if not all(c in r for r in runs):
+            continue
+        row = {}
+        for part in ("mosquitto_cpu_s", "postgres_cpu_s", "bridge_cpu_s", "box_busy_pct"):
+            vals = [r[c]["drain"]["cpu"].get(part) for r in runs]
+            if all(v is not None for v in vals):
+                row[part] = med([float(v) / (1 if part == "box_busy_pct" else r[c]["drain"]["messages"] / 1e6)
+                                 for v, r in zip(vals, runs, strict=True)])
+        sub = [r[c]["drain"].get("subscriber_cpu_s") for r in runs]
+        if all(v is not None for v in sub):
+            row["subscriber_cpu_s"] = med([float(v) / (r[c]["drain"]["messages"] / 1e6)
+                                           for v, r in zip(sub, runs, strict=True)])
+        s["cpu_us_per_msg"][c] = row
     s["bridge_peak_rss_kb"] = max(r["bridge"]["bridge_rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_drain_peak_rss_kb"] = max(r["bridge"]["drain"]["rss_kb"].get("VmHWM", 0) for r in runs)
     s["bridge_startup_to_connect_s"] = pick("bridge", "drain", "bridge_startup_to_connect_s")
@@ -686,20 +702,33 @@ def table(s: dict[str, Any], n: int, repeat: int) -> str:
     if fast:
         lines += ["", "The receivers (LMS_BRIDGE_RECEIVER, rollups on), same run; ratios against the bare paho "
                   "subscriber:", "",
-                  "| phase | bridge paho | bridge asyncio | bare paho | bare asyncio | bridge paho / bare paho "
-                  "| bridge asyncio / bare paho | bridge asyncio / bridge paho |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| phase | bridge paho | bridge asyncio | bare paho | bare asyncio | mosquitto_sub "
+                  "| bridge paho / bare paho | bridge asyncio / bare paho | bridge asyncio / bridge paho |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for k, label in (("drain_from_process_start", "drain, from process start"),
                          ("drain_from_connect", "drain, from MQTT connect"), ("drain_steady", "drain, steady"),
                          ("live", "live")):
             bp, ba = s[k]["bridge"], fast["bridge_asyncio"][k]
             sp, sa = s[k]["bare"], fast["bare_asyncio"][k]
+            ms = fast.get("bare_mosquitto_sub", {}).get(k)
 
             def ratio(a: float | None, b: float | None) -> str:
                 return "n/a" if a is None or not b else f"{a / b:.2f}"
 
-            lines.append(f"| {label} | {fmt(bp)} | {fmt(ba)} | {fmt(sp)} | {fmt(sa)} | {ratio(bp, sp)} | "
+            lines.append(f"| {label} | {fmt(bp)} | {fmt(ba)} | {fmt(sp)} | {fmt(sa)} | {fmt(ms)} | {ratio(bp, sp)} | "
                          f"{ratio(ba, sp)} | {ratio(ba, bp)} |")
+    cpu = s.get("cpu_us_per_msg")
+    if cpu:
+        names = {"bridge": "bridge, paho", "bridge_off": "bridge, paho, rollups off",
+                 "bridge_asyncio": "bridge, asyncio",
+                 "bare": "bare paho", "bare_asyncio": "bare asyncio", "bare_mosquitto_sub": "mosquitto_sub"}
+        lines += ["", "Where the time goes while draining: CPU µs per message of each process (3 rows a message), "
+                  "and how busy the whole box was:", "",
+                  "| consumer | broker | PostgreSQL | consumer | box busy % |", "|---|---:|---:|---:|---:|"]
+        for c, row in cpu.items():
+            own = row.get("bridge_cpu_s", row.get("subscriber_cpu_s"))
+            lines.append(f"| {names[c]} | {row.get('mosquitto_cpu_s', 0):.1f} | {row.get('postgres_cpu_s', 0):.1f} | "
+                         f"{'n/a' if own is None else f'{own:.1f}'} | {row.get('box_busy_pct', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -745,6 +774,7 @@ def main() -> int:
             run["bare"] = bench.bare_phases(rep)
             if not args.paho_only:
                 run["bare_asyncio"] = bench.bare_phases(rep, "asyncio")
+                run["bare_mosquitto_sub"] = bench.bare_phases(rep, "mosquitto_sub")
             runs.append(run)
         ok = True
     except (BenchError, AssertionError) as exc:
