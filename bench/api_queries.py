@@ -336,13 +336,13 @@ class Bench:
             conn = await asyncpg.connect(self.stack.pg.url)
             try:
                 if not complete:
-                    await conn.execute("TRUNCATE readings_1m, readings_1h")
+                    await conn.execute("TRUNCATE readings_1m, readings_5m, readings_1h")
                     await conn.execute("UPDATE rollup_state SET complete_at = NULL")
                     return 0.0
                 t = time.monotonic()
                 await rollups.backfill(conn, progress=say)
                 took = time.monotonic() - t
-                await conn.execute("VACUUM (ANALYZE) readings_1m, readings_1h", timeout=STATEMENT_TIMEOUT)
+                await conn.execute("VACUUM (ANALYZE) readings_1m, readings_5m, readings_1h", timeout=STATEMENT_TIMEOUT)
                 return took
             finally:
                 await conn.close()

@@ -99,7 +99,7 @@ async def run(settings: Settings, stop: asyncio.Event, *, startup_timeout: float
             stack.callback(server.shutdown)
         # Connections: the ingest's commits, the rule sweep, the alert outbox, one spare (the
         # config restore, rare).
-        pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=4),
+        pool = await _open(stack, "PostgreSQL", lambda: db.create_pool(settings.database_url, min_size=1, max_size=6),
                            startup_timeout)
         await check_schema(pool)
         # The webhook sender's own connections: ingestion never waits for one of its (bridge/notify.py).

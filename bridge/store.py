@@ -24,6 +24,7 @@ that caused them, or not at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -49,6 +50,7 @@ from bridge.metrics import BridgeMetrics
 from bridge.rules import VERSIONS_SQL, Evaluated, RuleEngine
 from lms_core import rollups
 from lms_core.db import is_transient, translate
+from lms_core.errors import DatabaseUnavailable
 from lms_core.topics import DeviceTopic, TopicKind, TopicScheme
 
 log = logging.getLogger("lms.bridge.store")
@@ -137,6 +139,45 @@ class Batch:
 
 
 _OTHER = TopicKind.OTHER
+
+
+#: How long a batch waits, its readings written, for the batch before to commit (see
+#: Store.commit); then it rolls back and is retried after that one.
+TURN_WAIT_S = 2.0
+
+
+class Turn:
+    """Where one commit attempt stands, for the batch after it (Store.commit): its readings
+    and rollups written, and its COMMIT done; either is False once the attempt failed."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.written: asyncio.Future[bool] = loop.create_future()
+        self.committed: asyncio.Future[bool] = loop.create_future()
+
+    @staticmethod
+    def mark(fut: asyncio.Future[bool], value: bool) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    def fail(self) -> None:
+        self.mark(self.written, False)
+        self.mark(self.committed, False)
+
+    async def wait(self, fut: asyncio.Future[bool]) -> None:
+        """Until ``fut``: raise DatabaseUnavailable if it says the attempt failed, or after
+        TURN_WAIT_S."""
+        try:
+            ok = await asyncio.wait_for(asyncio.shield(fut), TURN_WAIT_S)
+        except TimeoutError:
+            ok = False
+        if not ok:
+            raise TurnLost("the batch before this one is not committed yet; retrying after it")
+
+
+class TurnLost(DatabaseUnavailable):
+    """This batch rolled back because the batch before failed or took too long: retry it
+    once that one is done (no database outage implied)."""
 
 
 class Store:
@@ -285,8 +326,21 @@ class Store:
 
     # -- writing ---------------------------------------------------------------------
 
-    async def commit(self, messages: list[Message]) -> Batch:
+    async def commit(self, messages: list[Message], turn: Turn | None = None, before: Turn | None = None) -> Batch:
         """Store ``messages`` in one transaction and return what was written.
+
+        Two batches may be in flight (bridge/subscribe.py): ``before`` is the attempt of the
+        batch received before this one, still running, and ``turn`` is how this attempt tells
+        the next batch where it stands. While the batch before commits, this one is decoded
+        and its readings and rollups are written - only once the batch before has written
+        its own, so rollup rows are locked in the order batches were received. Everything
+        else - events, command results, reported config, quarantine, presence, the alert
+        rules - and the COMMIT wait until the batch before is committed: batches take effect
+        in order, and the rules see each device's readings in order. If the batch before
+        fails, or is not committed within ``TURN_WAIT_S`` (a lock cycle through another
+        transaction, e.g. a purge, could otherwise hold both forever), this transaction
+        rolls back with :class:`DatabaseUnavailable`: its caller retries it after the batch
+        before is done.
 
         Raises :class:`DatabaseUnavailable` when the work may succeed if tried again (the
         caller keeps the batch unacknowledged and retries) and :class:`StorageError` for
@@ -296,20 +350,39 @@ class Store:
         started = time.perf_counter()
         topics = self.parse_topics(messages)
         try:
-            async with self.pool.acquire() as conn:
-                await self._resolve(conn, topics.values())
-                batch = self.build(messages, topics)
-                try:
-                    async with conn.transaction():
-                        await self._write(conn, batch)
-                        await self._evaluate(conn, batch)
-                except asyncpg.PostgresError as exc:
-                    if is_transient(exc):
-                        raise
-                    log.error("batch refused by the database, retrying message by message: %s", exc)
-                    batch = await self._write_one_by_one(conn, messages)
+            try:
+                async with self.pool.acquire() as conn:
+                    await self._resolve(conn, topics.values())
+                    batch = self.build(messages, topics)
+                    try:
+                        async with conn.transaction():
+                            if before is not None:
+                                await before.wait(before.written)
+                            await self._write_readings(conn, batch)
+                            if turn is not None:
+                                turn.mark(turn.written, True)
+                            if before is not None:
+                                await before.wait(before.committed)
+                            await self._write_rest(conn, batch)
+                            await self._evaluate(conn, batch)
+                    except asyncpg.PostgresError as exc:
+                        if is_transient(exc):
+                            raise
+                        log.error("batch refused by the database, retrying message by message: %s", exc)
+                        if turn is not None:
+                            turn.fail()  # the batch after holds rollup rows this may need: let it go
+                        if before is not None:
+                            await before.wait(before.committed)
+                        batch = await self._write_one_by_one(conn, messages)
+            except BaseException:
+                if turn is not None:
+                    turn.fail()
+                raise
         except Exception as exc:
             raise translate(exc) from exc
+        if turn is not None:
+            turn.mark(turn.written, True)
+            turn.mark(turn.committed, True)
         self._after_commit(batch)
         self.metrics.committed(batch, len(messages), time.perf_counter() - started)
         if self.rules is not None:
@@ -333,6 +406,11 @@ class Store:
             log.exception("alert rule evaluation failed; the batch is stored without it")
 
     async def _write(self, conn: asyncpg.Connection, b: Batch, *, dedup: bool = False) -> None:
+        await self._write_readings(conn, b, dedup=dedup)
+        await self._write_rest(conn, b)
+
+    async def _write_readings(self, conn: asyncpg.Connection, b: Batch, *, dedup: bool = False) -> None:
+        """Readings and their rollups: what may be written while the batch before commits."""
         if b.readings and self.rollups:
             await self._write_rolled_up(conn, b, dedup)
         elif b.readings:
@@ -348,6 +426,9 @@ class Store:
                     self._dedup_until = time.monotonic() + DEDUP_HOLD_S
                     b.dedup_writes += 1
                     await self._insert_dedup(conn, b.readings)
+
+    async def _write_rest(self, conn: asyncpg.Connection, b: Batch) -> None:
+        """Everything else a batch writes, in the order batches were received."""
         if b.events:
             t, d, ty, da = zip(*b.events, strict=True)
             await conn.execute(

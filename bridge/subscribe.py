@@ -1,10 +1,13 @@
 """The ingest loop: receive (exclusive or shared subscription), commit in batches, then ack.
 
-Messages are appended to a list by paho's callback (in the event loop's thread, see
-lms_core/mqtt.py). One flusher task takes up to ``batch_size`` of them, commits them
-in one transaction, and only then sends their PUBACKs. While it commits, the next batch
-fills; the broker's in-flight window (mosquitto.conf ``max_inflight_messages``) is what
-bounds the bridge's memory: unacknowledged messages are never more than that window.
+Messages are appended to a list by the MQTT session's callback (in the event loop's thread,
+see lms_core/mqtt.py and lms_core/mqtt_fast.py). One flusher task takes up to
+``batch_size`` of them and starts their commit - one transaction - in a task that sends
+their PUBACKs after it. Two commits are in flight at most, each on its own connection:
+while PostgreSQL commits one batch, the bridge decodes the next and writes its readings
+(Store.commit keeps the batches' effects in the order received). Meanwhile the next batch
+fills; the broker's in-flight window (mosquitto.conf ``max_inflight_messages``) and the
+buffer's own bound (reading paused at ``max_buffer``) bound the bridge's memory.
 
 While PostgreSQL is down the flusher retries the same batch with backoff and sends no
 acknowledgement, so the broker stops sending once the window is full and keeps the rest
@@ -23,7 +26,7 @@ from time import time_ns as _now_ns  # globals, not attributes: read once per me
 import paho.mqtt.client as paho
 
 from bridge.metrics import BridgeMetrics
-from bridge.store import Message, Store
+from bridge.store import Message, Store, Turn, TurnLost
 from lms_core.errors import BrokerError, BrokerUnavailable, DatabaseUnavailable
 from lms_core.mqtt import AsyncMqttClient
 from lms_core.mqtt_fast import FastMqttClient, MqttSession, ReceivedMessage
@@ -65,6 +68,10 @@ class Ingest:
         # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
         self.max_buffer = max(4 * self.batch_size, 10_000)
         self.mqtt: MqttSession = self._client(settings)
+        #: The newest batch's commit while it runs: its task (True once committed) and the
+        #: Turn of its first attempt, which the next batch's commit follows.
+        self._inflight: tuple[asyncio.Task[bool], Turn] | None = None
+        self._commits: set[asyncio.Task[bool]] = set()
 
     def _client(self, settings: Settings) -> MqttSession:
         """The MQTT session, by ``LMS_BRIDGE_RECEIVER``: paho, or the bridge's own 3.1.1
@@ -191,10 +198,15 @@ class Ingest:
             finally:
                 for task in helpers:
                     task.cancel()
+                for commit in list(self._commits):
+                    commit.cancel()  # only on failure: a stop waits for them
 
     async def _flush(self, stop: asyncio.Event) -> None:
         paused = False
         while True:
+            if self._inflight is not None and self._inflight[0].done():
+                task, self._inflight = self._inflight[0], None
+                task.result()  # a commit's failure stops the ingest (the task group)
             if stop.is_set() and not paused:
                 # Stop taking new messages so that a busy stream cannot hold the stop
                 # open; what is buffered is committed and acknowledged below.
@@ -203,6 +215,9 @@ class Ingest:
                 log.info("stopping: committing %d buffered message(s)", len(self.buffer))
             if not self.buffer:
                 if stop.is_set():
+                    if self._inflight is not None:
+                        await self._inflight[0]
+                        self._inflight = None
                     await self._final_barrier()
                     return
                 self._wake.clear()
@@ -223,7 +238,18 @@ class Ingest:
             self._urgent = False
             batch = self.buffer[: self.batch_size]
             del self.buffer[: self.batch_size]
-            await self._commit(batch, stop)
+            before = self._inflight
+            turn = Turn()
+            task = asyncio.create_task(self._commit(batch, stop, before, turn), name="bridge commit")
+            task.add_done_callback(self._commit_done)
+            self._commits.add(task)
+            self._inflight = (task, turn)
+            if before is not None:
+                await before[0]  # two in flight at most; a failure stops the ingest
+
+    def _commit_done(self, task: asyncio.Task[bool]) -> None:
+        self._commits.discard(task)
+        self._wake.set()  # the flusher sees how it ended
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -239,14 +265,30 @@ class Ingest:
         except BrokerError as exc:
             log.warning("could not confirm the last acknowledgements (%s); the broker may redeliver some", exc)
 
-    async def _commit(self, batch: list[Message], stop: asyncio.Event) -> None:
+    async def _commit(self, batch: list[Message], stop: asyncio.Event,
+                      before: tuple[asyncio.Task[bool], Turn] | None, turn: Turn) -> bool:
+        """Commit ``batch`` - beside the batch before while that one commits, or after it
+        once an attempt failed (Store.commit) - then acknowledge it. Returns whether it was
+        committed (not when stopping while the database is down)."""
         self.metrics.backlog.set(len(self.buffer) + len(batch))
         delay = 0.2
+        attempt: Turn | None = turn
         while True:
+            if before is not None and (attempt is None or before[0].done()):
+                if not await before[0]:
+                    # The batch before was left to the broker (stopping, database down): so is this one.
+                    turn.fail()
+                    self.buffer.clear()
+                    self._draining = True
+                    return False
+                before = None
             try:
-                await self.store.commit(batch)
+                await self.store.commit(batch, attempt, before[1] if before is not None else None)
                 break
+            except TurnLost:
+                attempt = None  # again, after the batch before (whose first attempt failed)
             except DatabaseUnavailable as exc:
+                attempt = None
                 self.metrics.db_errors.inc()
                 log.warning("database unavailable (%s); holding %d message(s) unacknowledged, retry in %.1f s",
                             exc, len(batch), delay)
@@ -256,7 +298,7 @@ class Ingest:
                                 len(batch) + len(self.buffer))
                     self.buffer.clear()
                     self._draining = True
-                    return
+                    return False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         gen = self.mqtt.generation
@@ -265,3 +307,4 @@ class Ingest:
             self._backpressure = False
             self.mqtt.resume_reading()
         self.metrics.backlog.set(len(self.buffer))
+        return True

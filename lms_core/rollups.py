@@ -1,5 +1,7 @@
-"""Rollups of readings: per (device, metric), 1-minute and 1-hour buckets of count, sum,
-min, max and the newest value (migration 0009). What writes them, what reads them, and why
+"""Rollups of readings: per (device, metric), 1-minute, 5-minute and 1-hour buckets of
+count, sum, min, max and the newest value (migrations 0009, 0010: the 5-minute level answers
+the dashboard's default chart, a day in 5-minute buckets, from 288 rows a metric instead of
+1,440). What writes them, what reads them, and why
 they stay equal to the aggregate of the raw rows:
 
 - The bridge adds the rows it *actually inserted* to them in the batch's own transaction
@@ -8,8 +10,8 @@ they stay equal to the aggregate of the raw rows:
   (one transaction); a redelivery adds nothing (no row inserted).
 - Additions commute (count, sum, min, max, and "last" as the value of the greatest time), so
   bridges adding to the same bucket concurrently need no coordination beyond the row lock of
-  ``ON CONFLICT DO UPDATE``. Rows are upserted in key order, hours before minutes, so two
-  transactions never wait on each other in a cycle.
+  ``ON CONFLICT DO UPDATE``. Rows are upserted in key order, hours, then 5 minutes, then
+  minutes, so two transactions never wait on each other in a cycle.
 - Deleting readings (a device's purge, an organization's deletion, :sql:`readings_retention`)
   deletes the rollups in the same transaction - rollups first, see :func:`purge_device`.
 - The backfill (:func:`backfill`) *replaces* the rollups of a slice with the aggregate of the
@@ -37,8 +39,8 @@ import asyncpg
 #: exclusively. Also written, as a number, in migrations/0009_rollups.sql.
 LOCK_KEY = 0x4C4D5304
 #: Rollup resolutions in seconds, coarsest first, and their tables.
-RESOLUTIONS: tuple[int, ...] = (3600, 60)
-TABLES = {3600: "readings_1h", 60: "readings_1m"}
+RESOLUTIONS: tuple[int, ...] = (3600, 300, 60)
+TABLES = {3600: "readings_1h", 300: "readings_5m", 60: "readings_1m"}
 #: Every bucket boundary is a whole number of its resolution after this instant (date_bin's
 #: origin; the same instants as UTC minutes and hours since the Unix epoch).
 ORIGIN = datetime(2000, 1, 1, tzinfo=UTC)
@@ -50,13 +52,27 @@ _SET = """n = r.n + EXCLUDED.n, nv = r.nv + EXCLUDED.nv, sum = r.sum + EXCLUDED.
           last_time = GREATEST(r.last_time, EXCLUDED.last_time)"""
 
 
+def _upsert_from_minutes(table: str, width: str, after: str) -> str:
+    """A data-modifying CTE adding the minute aggregates ``m`` to ``table`` at ``width``; it
+    reads ``after`` (a CTE's name) through an InitPlan, so that one runs first and completely."""
+    return f"""INSERT INTO {table} AS r
+          SELECT device_id, metric, date_bin('{width}', bucket, {_ORIGIN_SQL}), sum(n)::integer, sum(nv)::integer,
+                 sum(sum), min(min), max(max), max(last_time), (array_agg(last_value ORDER BY last_time DESC))[1]
+          FROM m {f"WHERE (SELECT count(*) FROM {after}) >= 0" if after else ""}
+          GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+          ON CONFLICT (device_id, metric, bucket) DO UPDATE SET {_SET}
+          RETURNING 1"""
+
+
 def add_sql(source: str) -> str:
     """One statement adding the rows of ``source`` (a query or a data-modifying statement with
-    ``RETURNING``, yielding ``time, device_id, metric, value``) to both rollup tables.
+    ``RETURNING``, yielding ``time, device_id, metric, value``) to every rollup table.
 
-    The minute aggregates are computed once and the hours from them. The hour upsert is a
-    data-modifying CTE that the minute upsert reads through an InitPlan, so it runs first
-    and completely: every transaction locks hour rows, then minute rows, each in key order."""
+    The minute aggregates are computed once and the coarser levels from them. The hour
+    upsert is a data-modifying CTE that the 5-minute upsert reads through an InitPlan, which
+    the minute upsert reads the same way, so they run in that order and each completely:
+    every transaction locks hour rows, then 5-minute rows, then minute rows, each in key
+    order."""
     return f"""
     WITH src AS ({source}),
     m AS (SELECT device_id, metric, date_bin('1 minute', time, {_ORIGIN_SQL}) AS bucket,
@@ -64,14 +80,10 @@ def add_sql(source: str) -> str:
                  min(value) AS min, max(value) AS max, max(time) AS last_time,
                  (array_agg(value ORDER BY time DESC))[1] AS last_value
           FROM src GROUP BY 1, 2, 3),
-    h AS (INSERT INTO readings_1h AS r
-          SELECT device_id, metric, date_bin('1 hour', bucket, {_ORIGIN_SQL}), sum(n)::integer, sum(nv)::integer,
-                 sum(sum), min(min), max(max), max(last_time), (array_agg(last_value ORDER BY last_time DESC))[1]
-          FROM m GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-          ON CONFLICT (device_id, metric, bucket) DO UPDATE SET {_SET}
-          RETURNING 1)
+    h AS ({_upsert_from_minutes("readings_1h", "1 hour", "")}),
+    f AS ({_upsert_from_minutes("readings_5m", "5 minutes", "h")})
     INSERT INTO readings_1m AS r
-    SELECT * FROM m WHERE (SELECT count(*) FROM h) >= 0 ORDER BY 1, 2, 3
+    SELECT * FROM m WHERE (SELECT count(*) FROM f) >= 0 ORDER BY 1, 2, 3
     ON CONFLICT (device_id, metric, bucket) DO UPDATE SET {_SET}"""
 
 
@@ -101,7 +113,7 @@ async def purge_device(conn: asyncpg.Connection, where: str, *args: Any) -> None
     (a new snapshot under READ COMMITTED) sees the readings that bridge inserted. Readings
     first could miss them while deleting their rollups."""
     await conn.execute(LOCK_SHARED_SQL)
-    for table in TABLES.values():  # hours, then minutes, each in key order: as bridges lock them
+    for table in TABLES.values():  # hours, 5 minutes, minutes, each in key order: as bridges lock them
         await conn.execute(f"""DELETE FROM {table} WHERE (device_id, metric, bucket) IN (
                                    SELECT device_id, metric, bucket FROM {table} WHERE device_id {where}
                                    ORDER BY device_id, metric, bucket FOR UPDATE)""", *args)

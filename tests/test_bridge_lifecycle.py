@@ -15,7 +15,7 @@ import pytest
 
 from bridge.decode import TelemetryDecoder
 from bridge.metrics import BridgeMetrics
-from bridge.store import Store
+from bridge.store import TURN_WAIT_S, Store, TurnLost
 from bridge.subscribe import Ingest
 from lms_core import db
 from lms_core.errors import BrokerUnavailable, DatabaseUnavailable
@@ -101,7 +101,7 @@ class _FailingCommits:
 
     def __init__(self, store: Store, exc: BaseException, n: int) -> None:
         self.store, self.exc, self.left = store, exc, n
-        self.real = store._write
+        self.real = store._write_rest
 
     async def write(self, conn: Any, b: Any, **kw: Any) -> None:
         await self.real(conn, b, **kw)
@@ -125,7 +125,7 @@ def test_an_unknown_database_error_during_commit_is_retried_not_fatal(own_stack:
         async with db.create_pool(settings.database_url, min_size=1, max_size=2) as pool:
             store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
             faults = _FailingCommits(store, asyncpg.exceptions.InternalClientError("injected at COMMIT"), 2)
-            store._write = faults.write  # type: ignore[method-assign]
+            store._write_rest = faults.write  # type: ignore[method-assign]
             stop = asyncio.Event()
             async with Ingest(settings, store, metrics) as ingest:
                 runner = asyncio.create_task(ingest.run(stop))
@@ -277,3 +277,80 @@ def test_a_refused_subscription_stops_the_bridge_with_one_line(own_stack: Stack)
     assert bridge.proc.returncode != 0
     text = bridge.log_text()
     assert "refused subscription" in text and "Traceback" not in text and "ExceptionGroup" not in text, text[-3000:]
+
+
+class _SlowThenFailing:
+    """Fault injection in the real store: the ``slow``-th batch waits ``delay`` s before
+    its last writes (past the next batch's TURN_WAIT_S), the ``fail``-th fails there once;
+    and every TurnLost (a batch rolled back to be retried after the one before) is counted."""
+
+    def __init__(self, store: Store, slow: int, delay: float, fail: int) -> None:
+        self.store, self.slow, self.delay, self.fail = store, slow, delay, fail
+        self.calls = 0
+        self.lost = 0
+        self.real_rest = store._write_rest
+        self.real_commit = store.commit
+
+    async def write_rest(self, conn: Any, b: Any) -> None:
+        self.calls += 1
+        if self.calls == self.slow:
+            await asyncio.sleep(self.delay)
+        await self.real_rest(conn, b)
+        if self.calls == self.fail:
+            raise asyncpg.exceptions.InternalClientError("injected at COMMIT")
+
+    async def commit(self, messages: Any, turn: Any = None, before: Any = None) -> Any:
+        try:
+            return await self.real_commit(messages, turn, before)
+        except TurnLost:
+            self.lost += 1
+            raise
+
+
+def test_two_batches_in_flight_roll_back_and_retry_in_order_when_the_one_before_stalls_or_fails(
+        own_stack: Stack, unique: str) -> None:
+    """Two commits are in flight: the next batch writes its readings while the one before
+    commits, and waits for that commit before the rest. When the one before stalls past
+    TURN_WAIT_S or fails, the next rolls back and is retried after it: every reading is
+    stored once."""
+    s = own_stack
+    creds = s.create_device(unique, "d")
+    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc2", LMS_BRIDGE_BATCH_SIZE="40", LMS_BRIDGE_FLUSH_MS="20")
+    n = 600
+
+    async def run(faulty: bool) -> tuple[int, int, int]:
+        settings = Settings.from_env(env)
+        metrics = BridgeMetrics()
+        async with db.create_pool(settings.database_url, min_size=1, max_size=4) as pool:
+            store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
+            faults = _SlowThenFailing(store, slow=3, delay=TURN_WAIT_S + 1, fail=6)
+            if faulty:
+                store._write_rest = faults.write_rest  # type: ignore[method-assign]
+                store.commit = faults.commit  # type: ignore[method-assign]
+            stop = asyncio.Event()
+            async with Ingest(settings, store, metrics) as ingest:
+                runner = asyncio.create_task(ingest.run(stop))
+                if faulty:
+                    await asyncio.to_thread(wait_until, lambda: s.scalar("SELECT count(*) FROM readings") == n, 60,
+                                            f"{n} readings")
+                else:
+                    await asyncio.sleep(1)  # subscribed: the session holds the subscription
+                stop.set()
+                await asyncio.wait_for(runner, 30)
+            return faults.lost, int(metrics.db_errors._value.get()), faults.calls
+
+    asyncio.run(run(False))  # the persistent session and its subscription
+    base = int(time.time() * 1000) - 60_000
+    dev = Device(s.mq.port, creds)
+    try:
+        assert dev.connect().value == 0
+        for i in range(n):  # a backlog: every batch of the drain has one after it
+            dev.publish_wait("telemetry", _stamped(i, base))
+    finally:
+        dev.close()
+    lost, db_errors, calls = asyncio.run(run(True))
+    assert lost >= 2, "the batch after the stalled one and after the failed one rolled back"
+    assert db_errors >= 1
+    rows = s.query("SELECT value FROM readings WHERE metric = 'seq' ORDER BY time")
+    assert [r["value"] for r in rows] == list(range(n))
+    assert calls >= n // 40

@@ -60,7 +60,7 @@ MISMATCH_SQL = """
 def mismatches(s: Stack, devices: list[int] | None = None) -> list[Any]:
     """Rollup rows that differ from the aggregate of their raw rows (empty: exact)."""
     out = []
-    for seconds, table in ((60, "readings_1m"), (3600, "readings_1h")):
+    for seconds, table in ((60, "readings_1m"), (300, "readings_5m"), (3600, "readings_1h")):
         out += [(table, dict(r)) for r in s.query(MISMATCH_SQL.format(table=table), timedelta(seconds=seconds),
                                                   devices)]
     return out
@@ -68,7 +68,7 @@ def mismatches(s: Stack, devices: list[int] | None = None) -> list[Any]:
 
 def snapshot(s: Stack) -> dict[str, list[Any]]:
     return {t: [tuple(r) for r in s.query(f"SELECT * FROM {t} ORDER BY device_id, metric, bucket")]
-            for t in ("readings_1m", "readings_1h")}
+            for t in ("readings_1m", "readings_5m", "readings_1h")}
 
 
 # -- the planner, alone ---------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_rollup_answers_equal_raw_aggregates(rstack: Stack, owner: User, sc: dic
     if sc["purge"]:
         r = owner.client.delete(f"/api/v1/orgs/{org}/devices/d1", params={"purge": "true"})
         assert r.status_code == 204, r.text
-        for table in ("readings", "readings_1m", "readings_1h"):
+        for table in ("readings", "readings_1m", "readings_5m", "readings_1h"):
             assert rstack.scalar(f"SELECT count(*) FROM {table} WHERE device_id = $1", ids[1]) == 0
     if sc["retention"] is not None:
         cutoff = base + timedelta(milliseconds=sc["retention"])
@@ -317,7 +317,7 @@ def test_backfill_gives_the_rollups_ingest_gave_also_while_bridges_write(rstack:
         by_ingest = snapshot(s)
 
         # The same rollups, rebuilt from nothing.
-        s.query("TRUNCATE readings_1m, readings_1h")
+        s.query("TRUNCATE readings_1m, readings_5m, readings_1h")
         s.query("UPDATE rollup_state SET complete_at = NULL")
         p = _backfill_cli(s, "--slice-rows", "1000")
         out, _ = p.communicate(timeout=120)
@@ -327,7 +327,7 @@ def test_backfill_gives_the_rollups_ingest_gave_also_while_bridges_write(rstack:
         assert s.scalar("SELECT complete_at IS NOT NULL FROM rollup_state")
 
         # Again, while the bridge writes late readings into the very slices being rebuilt.
-        s.query("TRUNCATE readings_1m, readings_1h")
+        s.query("TRUNCATE readings_1m, readings_5m, readings_1h")
         p = _backfill_cli(s, "--slice-rows", "300")
         late = [json.dumps({"ts": base + n * 3001 + 1500, "values": {"v": -n / 4}}).encode() for n in range(3000)]
         dev.publish_many(late, window=100, timeout=120)
@@ -367,7 +367,7 @@ def test_a_database_with_readings_gets_rollups_only_from_the_backfill(rstack: St
             await rollups.backfill(conn, progress=said.append, slice_rows=2000)
             after = await rollups.complete(conn)
             wrong = []
-            for seconds, table in ((60, "readings_1m"), (3600, "readings_1h")):
+            for seconds, table in ((60, "readings_1m"), (300, "readings_5m"), (3600, "readings_1h")):
                 wrong += await conn.fetch(MISMATCH_SQL.format(table=table), timedelta(seconds=seconds), None)
             return before, after, wrong, said
         finally:

@@ -171,6 +171,11 @@ ROLLUP_AGGREGATE_SQL = """
                 AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
         UNION ALL
         SELECT date_bin($3::interval, r.bucket, $2), r.metric, r.n, r.nv, r.sum, r.min, r.max, r.last_time, r.last_value
+        FROM unnest($11::timestamptz[], $12::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
+            SELECT * FROM readings_5m WHERE device_id = $1 AND metric = ANY ($4::text[])
+                AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
+        UNION ALL
+        SELECT date_bin($3::interval, r.bucket, $2), r.metric, r.n, r.nv, r.sum, r.min, r.max, r.last_time, r.last_value
         FROM unnest($5::timestamptz[], $6::timestamptz[]) AS p(lo, hi) CROSS JOIN LATERAL (
             SELECT * FROM readings_1m WHERE device_id = $1 AND metric = ANY ($4::text[])
                 AND bucket >= p.lo AND bucket < p.hi OFFSET 0) r
@@ -400,9 +405,13 @@ class DataService:
         pieces = rollups.plan(t0, t1, width) if await rollups.complete(self.pool) else []
         if any(p.source for p in pieces):
             rows = await self.pool.fetch(ROLLUP_AGGREGATE_SQL, dev_id, t0, width, metrics, *_pieces(pieces, 60),
-                                         *_pieces(pieces, 3600), *_pieces(pieces, 0))
+                                         *_pieces(pieces, 3600), *_pieces(pieces, 0), *_pieces(pieces, 300))
         else:  # nothing a rollup can answer (or they are still being built): raw rows alone
             rows = await self.pool.fetch(AGGREGATE_SQL, dev_id, t0, t1, width, metrics)
+        if set(wanted) == set(AGGREGATES):
+            # Every function (the usual request): positionally, the columns in Bucket's order
+            # (~1 µs a bucket less than by name; a day of 5-minute buckets has 2,880).
+            return [Bucket(*r) for r in rows]
         return [Bucket(bucket=r["bucket"], metric=r["metric"], **{f: r[f] for f in wanted}) for r in rows]
 
     async def latest(self, access: OrgAccess, device: str) -> list[Reading]:
