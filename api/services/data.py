@@ -36,7 +36,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 AGGREGATES = ("avg", "min", "max", "count", "last")
 
 
-class Reading(msgspec.Struct):
+class Reading(msgspec.Struct, gc=False):  # no cycles: not the collector's
     time: datetime
     metric: str
     value: float | None
@@ -48,7 +48,7 @@ class ReadingPage(msgspec.Struct):
     next: str | None
 
 
-class Bucket(msgspec.Struct, omit_defaults=True):
+class Bucket(msgspec.Struct, omit_defaults=True, gc=False):  # no cycles: not the collector's
     bucket: datetime
     metric: str
     avg: float | None = None
