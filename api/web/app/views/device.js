@@ -14,6 +14,9 @@ export const RANGES = {
   "7d": [7 * 86400e3, "1h"],
   "30d": [30 * 86400e3, "4h"],
 };
+const UNIT_MS = { s: 1e3, m: 60e3, h: 3600e3, d: 86400e3 };
+/** "5m" -> 300000. */
+const bucketMs = (bucket) => Number(bucket.slice(0, -1)) * UNIT_MS[bucket.slice(-1)];
 const CHARTS_AT_ONCE = 4;
 const BUILTIN_COMMANDS = ["ping", "reboot"];
 const EVENTS_SHOWN = 20;
@@ -132,7 +135,10 @@ export function renderDevice(ctx, slug) {
   async function loadMetric(metric, gen) {
     const [span, bucket] = RANGES[range];
     const to = new Date();
-    const from = new Date(to.getTime() - span);
+    // `from` on a bucket boundary: the server answers whole buckets from its rollups
+    // (README "Rollups"); from any instant it reads raw rows around every boundary.
+    const width = bucketMs(bucket);
+    const from = new Date(Math.floor((to.getTime() - span) / width) * width);
     const buckets = await api.get(`${base}/readings/aggregate`, {
       metric, bucket, fn: ["avg", "min", "max"], from: from.toISOString(), to: to.toISOString(),
     });
