@@ -337,10 +337,12 @@ class Store:
         else - events, command results, reported config, quarantine, presence, the alert
         rules - and the COMMIT wait until the batch before is committed: batches take effect
         in order, and the rules see each device's readings in order. If the batch before
-        fails, or is not committed within ``TURN_WAIT_S`` (a lock cycle through another
-        transaction, e.g. a purge, could otherwise hold both forever), this transaction
-        rolls back with :class:`DatabaseUnavailable`: its caller retries it after the batch
-        before is done.
+        fails, this transaction rolls back with :class:`TurnLost`: its caller retries it
+        after the batch before is done. Most of the time the wait for the batch before's
+        COMMIT happens inside the rollup upsert (the two add to the same hour row): a
+        PostgreSQL lock wait, and the batch before never waits for this one, so any cycle
+        through it is one PostgreSQL detects. Where it waits in the bridge instead
+        (:meth:`Turn.wait`), it gives up after ``TURN_WAIT_S`` and rolls back the same way.
 
         Raises :class:`DatabaseUnavailable` when the work may succeed if tried again (the
         caller keeps the batch unacknowledged and retries) and :class:`StorageError` for

@@ -36,6 +36,17 @@ from lms_core.topics import TopicScheme
 log = logging.getLogger("lms.bridge.ingest")
 
 
+class Flight:
+    """One batch's commit: its task (True once committed) and the Turn of its current
+    attempt, which the next batch's commit follows (Store.commit)."""
+
+    __slots__ = ("task", "turn")
+
+    def __init__(self, turn: Turn) -> None:
+        self.turn = turn
+        self.task: asyncio.Task[bool]
+
+
 class Ingest:
     def __init__(self, settings: Settings, store: Store, metrics: BridgeMetrics) -> None:
         self.settings = settings
@@ -68,9 +79,8 @@ class Ingest:
         # Twice the broker's in-flight window (mosquitto.conf max_inflight_messages 5000).
         self.max_buffer = max(4 * self.batch_size, 10_000)
         self.mqtt: MqttSession = self._client(settings)
-        #: The newest batch's commit while it runs: its task (True once committed) and the
-        #: Turn of its first attempt, which the next batch's commit follows.
-        self._inflight: tuple[asyncio.Task[bool], Turn] | None = None
+        #: The newest batch's commit while it runs (its task, and the Turn the next follows).
+        self._inflight: Flight | None = None
         self._commits: set[asyncio.Task[bool]] = set()
 
     def _client(self, settings: Settings) -> MqttSession:
@@ -204,8 +214,8 @@ class Ingest:
     async def _flush(self, stop: asyncio.Event) -> None:
         paused = False
         while True:
-            if self._inflight is not None and self._inflight[0].done():
-                task, self._inflight = self._inflight[0], None
+            if self._inflight is not None and self._inflight.task.done():
+                task, self._inflight = self._inflight.task, None
                 task.result()  # a commit's failure stops the ingest (the task group)
             if stop.is_set() and not paused:
                 # Stop taking new messages so that a busy stream cannot hold the stop
@@ -216,7 +226,7 @@ class Ingest:
             if not self.buffer:
                 if stop.is_set():
                     if self._inflight is not None:
-                        await self._inflight[0]
+                        await self._inflight.task
                         self._inflight = None
                     await self._final_barrier()
                     return
@@ -239,13 +249,13 @@ class Ingest:
             batch = self.buffer[: self.batch_size]
             del self.buffer[: self.batch_size]
             before = self._inflight
-            turn = Turn()
-            task = asyncio.create_task(self._commit(batch, stop, before, turn), name="bridge commit")
-            task.add_done_callback(self._commit_done)
-            self._commits.add(task)
-            self._inflight = (task, turn)
+            flight = Flight(Turn())
+            flight.task = asyncio.create_task(self._commit(batch, stop, before, flight), name="bridge commit")
+            flight.task.add_done_callback(self._commit_done)
+            self._commits.add(flight.task)
+            self._inflight = flight
             if before is not None:
-                await before[0]  # two in flight at most; a failure stops the ingest
+                await before.task  # two in flight at most; a failure stops the ingest
 
     def _commit_done(self, task: asyncio.Task[bool]) -> None:
         self._commits.discard(task)
@@ -265,30 +275,32 @@ class Ingest:
         except BrokerError as exc:
             log.warning("could not confirm the last acknowledgements (%s); the broker may redeliver some", exc)
 
-    async def _commit(self, batch: list[Message], stop: asyncio.Event,
-                      before: tuple[asyncio.Task[bool], Turn] | None, turn: Turn) -> bool:
+    async def _commit(self, batch: list[Message], stop: asyncio.Event, before: Flight | None, flight: Flight) -> bool:
         """Commit ``batch`` - beside the batch before while that one commits, or after it
-        once an attempt failed (Store.commit) - then acknowledge it. Returns whether it was
+        once an attempt failed (Store.commit) - then acknowledge it. Each attempt gets a
+        fresh Turn in ``flight``, which the batch after follows. Returns whether it was
         committed (not when stopping while the database is down)."""
         self.metrics.backlog.set(len(self.buffer) + len(batch))
         delay = 0.2
-        attempt: Turn | None = turn
+        first = True
         while True:
-            if before is not None and (attempt is None or before[0].done()):
-                if not await before[0]:
+            if before is not None and (not first or before.task.done()):
+                if not await before.task:
                     # The batch before was left to the broker (stopping, database down): so is this one.
-                    turn.fail()
+                    flight.turn.fail()
                     self.buffer.clear()
                     self._draining = True
                     return False
                 before = None
+            if not first:
+                flight.turn = Turn()
+            first = False
             try:
-                await self.store.commit(batch, attempt, before[1] if before is not None else None)
+                await self.store.commit(batch, flight.turn, before.turn if before is not None else None)
                 break
             except TurnLost:
-                attempt = None  # again, after the batch before (whose first attempt failed)
+                pass  # again, once the batch before is done
             except DatabaseUnavailable as exc:
-                attempt = None
                 self.metrics.db_errors.inc()
                 log.warning("database unavailable (%s); holding %d message(s) unacknowledged, retry in %.1f s",
                             exc, len(batch), delay)

@@ -426,8 +426,8 @@ class FastMqttClient:
     async def subscribe(self, filters: list[str], qos: int = 1, timeout: float = 10) -> list[int]:
         """Subscribe and wait for SUBACK; raise BrokerError for refused filters."""
         pid = self._pid()
+        self._send(subscribe_packet(pid, filters, qos))  # not connected: raises, nothing left pending
         fut = self._pending[pid] = asyncio.get_running_loop().create_future()
-        self._send(subscribe_packet(pid, filters, qos))
         codes: list[int] = await self._wait(pid, fut, timeout)
         refused = [f for f, code in zip(filters, codes, strict=False) if code >= 0x80]
         if refused:
@@ -437,8 +437,8 @@ class FastMqttClient:
     async def unsubscribe(self, filters: list[str], timeout: float | None = 10) -> None:
         """Unsubscribe and wait for UNSUBACK, at most ``timeout`` s (None: while connected)."""
         pid = self._pid()
+        self._send(unsubscribe_packet(pid, filters))  # not connected: raises, nothing left pending
         fut = self._pending[pid] = asyncio.get_running_loop().create_future()
-        self._send(unsubscribe_packet(pid, filters))
         await self._wait(pid, fut, timeout)
 
     def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,

@@ -28,9 +28,11 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
         EXECUTE $q$SELECT count(*) FROM drop_chunks('readings', older_than => $1)$q$ USING edge;
     END IF;
-    DELETE FROM readings_1m WHERE bucket < edge;
-    DELETE FROM readings_5m WHERE bucket < edge;
+    -- Hours, then 5 minutes, then minutes: the order in which bridges and purges lock them
+    -- (0009 deleted minutes first, and a purge running at the same time could deadlock).
     DELETE FROM readings_1h WHERE bucket < edge;
+    DELETE FROM readings_5m WHERE bucket < edge;
+    DELETE FROM readings_1m WHERE bucket < edge;
     DELETE FROM readings WHERE time < edge;
     GET DIAGNOSTICS deleted = ROW_COUNT;
     RETURN deleted;

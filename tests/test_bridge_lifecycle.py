@@ -307,12 +307,12 @@ class _SlowThenFailing:
             raise
 
 
-def test_two_batches_in_flight_roll_back_and_retry_in_order_when_the_one_before_stalls_or_fails(
+def test_two_batches_in_flight_wait_for_a_stalled_one_and_retry_after_a_failed_one(
         own_stack: Stack, unique: str) -> None:
     """Two commits are in flight: the next batch writes its readings while the one before
-    commits, and waits for that commit before the rest. When the one before stalls past
-    TURN_WAIT_S or fails, the next rolls back and is retried after it: every reading is
-    stored once."""
+    commits, and waits for that commit before the rest (a stalled batch only makes the next
+    one wait: the wait is inside its rollup upsert). When the one before fails, the next
+    rolls back and is retried after it: every reading is stored once, in order."""
     s = own_stack
     creds = s.create_device(unique, "d")
     env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc2", LMS_BRIDGE_BATCH_SIZE="40", LMS_BRIDGE_FLUSH_MS="20")
@@ -349,7 +349,7 @@ def test_two_batches_in_flight_roll_back_and_retry_in_order_when_the_one_before_
     finally:
         dev.close()
     lost, db_errors, calls = asyncio.run(run(True))
-    assert lost >= 2, "the batch after the stalled one and after the failed one rolled back"
+    assert lost >= 1, "the batch after the failed one rolled back"
     assert db_errors >= 1
     rows = s.query("SELECT value FROM readings WHERE metric = 'seq' ORDER BY time")
     assert [r["value"] for r in rows] == list(range(n))
