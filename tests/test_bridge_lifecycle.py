@@ -279,17 +279,18 @@ def test_a_refused_subscription_stops_the_bridge_with_one_line(own_stack: Stack)
     assert "refused subscription" in text and "Traceback" not in text and "ExceptionGroup" not in text, text[-3000:]
 
 
-class _SlowThenFailing:
-    """Fault injection in the real store: the ``slow``-th batch waits ``delay`` s before
-    its last writes (past the next batch's TURN_WAIT_S), the ``fail``-th fails there once;
-    and every TurnLost (a batch rolled back to be retried after the one before) is counted."""
+class CommitFaults:
+    """Fault injection in the real store: the ``slow``-th batch waits ``delay`` s before its
+    last writes, the ``fail``-th fails there once (a transient error); every TurnLost (a
+    batch rolled back to be retried after the one before) and every decode is counted."""
 
-    def __init__(self, store: Store, slow: int, delay: float, fail: int) -> None:
-        self.store, self.slow, self.delay, self.fail = store, slow, delay, fail
-        self.calls = 0
-        self.lost = 0
-        self.real_rest = store._write_rest
-        self.real_commit = store.commit
+    def __init__(self, store: Store, slow: int = 0, delay: float = 0.0, fail: int = 0) -> None:
+        self.slow, self.delay, self.fail = slow, delay, fail
+        self.calls = self.lost = self.builds = 0
+        self.real_rest, self.real_commit, self.real_build = store._write_rest, store.commit, store.build
+        store._write_rest = self.write_rest  # type: ignore[method-assign]
+        store.commit = self.commit  # type: ignore[method-assign]
+        store.build = self.build  # type: ignore[method-assign]
 
     async def write_rest(self, conn: Any, b: Any) -> None:
         self.calls += 1
@@ -299,6 +300,10 @@ class _SlowThenFailing:
         if self.calls == self.fail:
             raise asyncpg.exceptions.InternalClientError("injected at COMMIT")
 
+    def build(self, *a: Any, **kw: Any) -> Any:
+        self.builds += 1
+        return self.real_build(*a, **kw)
+
     async def commit(self, messages: Any, turn: Any = None, before: Any = None) -> Any:
         try:
             return await self.real_commit(messages, turn, before)
@@ -307,37 +312,30 @@ class _SlowThenFailing:
             raise
 
 
-def test_two_batches_in_flight_wait_for_a_stalled_one_and_retry_after_a_failed_one(
-        own_stack: Stack, unique: str) -> None:
-    """Two commits are in flight: the next batch writes its readings while the one before
-    commits, and waits for that commit before the rest (a stalled batch only makes the next
-    one wait: the wait is inside its rollup upsert). When the one before fails, the next
-    rolls back and is retried after it: every reading is stored once, in order."""
-    s = own_stack
+def drain_backlog_in_process(s: Stack, unique: str, client_id: str, n: int,
+                             **faults: Any) -> tuple[CommitFaults, BridgeMetrics]:
+    """An in-process ingest (batches of 40) drains a backlog of ``n`` stamped readings of
+    one device through a store with ``CommitFaults(**faults)``; returns them and the metrics."""
     creds = s.create_device(unique, "d")
-    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-inproc2", LMS_BRIDGE_BATCH_SIZE="40", LMS_BRIDGE_FLUSH_MS="20")
-    n = 600
+    env = s.env(LMS_BRIDGE_CLIENT_ID=client_id, LMS_BRIDGE_BATCH_SIZE="40", LMS_BRIDGE_FLUSH_MS="20")
 
-    async def run(faulty: bool) -> tuple[int, int, int]:
+    async def run(faulty: bool) -> tuple[CommitFaults | None, BridgeMetrics]:
         settings = Settings.from_env(env)
         metrics = BridgeMetrics()
         async with db.create_pool(settings.database_url, min_size=1, max_size=4) as pool:
             store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
-            faults = _SlowThenFailing(store, slow=3, delay=TURN_WAIT_S + 1, fail=6)
-            if faulty:
-                store._write_rest = faults.write_rest  # type: ignore[method-assign]
-                store.commit = faults.commit  # type: ignore[method-assign]
+            injected = CommitFaults(store, **faults) if faulty else None
             stop = asyncio.Event()
             async with Ingest(settings, store, metrics) as ingest:
                 runner = asyncio.create_task(ingest.run(stop))
                 if faulty:
-                    await asyncio.to_thread(wait_until, lambda: s.scalar("SELECT count(*) FROM readings") == n, 60,
+                    await asyncio.to_thread(wait_until, lambda: s.scalar("SELECT count(*) FROM readings") == n, 90,
                                             f"{n} readings")
                 else:
                     await asyncio.sleep(1)  # subscribed: the session holds the subscription
                 stop.set()
                 await asyncio.wait_for(runner, 30)
-            return faults.lost, int(metrics.db_errors._value.get()), faults.calls
+            return injected, metrics
 
     asyncio.run(run(False))  # the persistent session and its subscription
     base = int(time.time() * 1000) - 60_000
@@ -348,9 +346,21 @@ def test_two_batches_in_flight_wait_for_a_stalled_one_and_retry_after_a_failed_o
             dev.publish_wait("telemetry", _stamped(i, base))
     finally:
         dev.close()
-    lost, db_errors, calls = asyncio.run(run(True))
-    assert lost >= 1, "the batch after the failed one rolled back"
-    assert db_errors >= 1
+    injected, metrics = asyncio.run(run(True))
+    assert injected is not None
     rows = s.query("SELECT value FROM readings WHERE metric = 'seq' ORDER BY time")
-    assert [r["value"] for r in rows] == list(range(n))
-    assert calls >= n // 40
+    assert [r["value"] for r in rows] == list(range(n)), "every reading once, in order"
+    return injected, metrics
+
+
+def test_two_batches_in_flight_wait_for_a_stalled_one_and_retry_after_a_failed_one(
+        own_stack: Stack, unique: str) -> None:
+    """Two commits are in flight: the next batch writes its readings while the one before
+    commits, and waits for that commit before the rest (a stalled batch only makes the next
+    one wait: the wait is inside its rollup upsert). When the one before fails, the next
+    rolls back and is retried after it: every reading is stored once, in order."""
+    faults, metrics = drain_backlog_in_process(own_stack, unique, "lms-bridge-inproc2", 600,
+                                               slow=3, delay=TURN_WAIT_S + 1, fail=6)
+    assert faults.lost >= 1, "the batch after the failed one rolled back"
+    assert int(metrics.db_errors._value.get()) >= 1
+    assert faults.calls >= 600 // 40

@@ -5,58 +5,12 @@ its fix)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from typing import Any
 
 import asyncpg
 
-from bridge.decode import TelemetryDecoder
-from bridge.metrics import BridgeMetrics
-from bridge.store import Store, TurnLost
-from bridge.subscribe import Ingest
-from lms_core import db
 from lms_core.settings import Settings
-from lms_core.topics import TopicScheme
-from tests.harness import Device, Stack, wait_until
-
-
-def _stamped(i: int, base: int) -> str:
-    return json.dumps({"ts": base + i, "values": {"seq": i}})
-
-
-class _Faults:
-    """Fault injection in the real store: the ``slow``-th batch waits ``delay`` s before its
-    last writes, the ``fail``-th fails there once with a transient error (as
-    tests/test_bridge_lifecycle.py does); every TurnLost and every decode of a batch is counted."""
-
-    def __init__(self, store: Store, slow: int, delay: float, fail: int = 0) -> None:
-        self.store, self.slow, self.delay, self.fail = store, slow, delay, fail
-        self.calls = 0
-        self.lost = 0
-        self.builds = 0
-        self.real_rest = store._write_rest
-        self.real_commit = store.commit
-        self.real_build = store.build
-
-    async def write_rest(self, conn: Any, b: Any) -> None:
-        self.calls += 1
-        if self.calls == self.slow:
-            await asyncio.sleep(self.delay)
-        await self.real_rest(conn, b)
-        if self.calls == self.fail:
-            raise asyncpg.exceptions.InternalClientError("injected at COMMIT")
-
-    def build(self, *a: Any, **kw: Any) -> Any:
-        self.builds += 1
-        return self.real_build(*a, **kw)
-
-    async def commit(self, messages: Any, turn: Any = None, before: Any = None) -> Any:
-        try:
-            return await self.real_commit(messages, turn, before)
-        except TurnLost:
-            self.lost += 1
-            raise
+from tests.harness import Stack
+from tests.test_bridge_lifecycle import drain_backlog_in_process
 
 
 def test_one_failed_commit_does_not_turn_every_later_batch_into_a_rollback_and_a_retry(
@@ -67,49 +21,10 @@ def test_one_failed_commit_does_not_turn_every_later_batch_into_a_rollback_and_a
     at once, was retried without a Turn, and so on: under a backlog every later batch was
     decoded twice and the two-in-flight pipeline never came back. Each attempt now has a
     fresh Turn."""
-    s = own_stack
-    creds = s.create_device(unique, "d")
-    env = s.env(LMS_BRIDGE_CLIENT_ID="lms-bridge-review1", LMS_BRIDGE_BATCH_SIZE="40", LMS_BRIDGE_FLUSH_MS="20")
-    n = 800  # 20 batches
-
-    async def run(faulty: bool, **fault: Any) -> tuple[int, int, int]:
-        settings = Settings.from_env(env)
-        metrics = BridgeMetrics()
-        async with db.create_pool(settings.database_url, min_size=1, max_size=4) as pool:
-            store = Store(pool, TelemetryDecoder(settings.limits), TopicScheme(settings.topic_root), metrics)
-            faults = _Faults(store, **{"slow": 0, "delay": 0.0, **fault})
-            if faulty:
-                store._write_rest = faults.write_rest  # type: ignore[method-assign]
-                store.commit = faults.commit  # type: ignore[method-assign]
-                store.build = faults.build  # type: ignore[method-assign]
-            stop = asyncio.Event()
-            async with Ingest(settings, store, metrics) as ingest:
-                runner = asyncio.create_task(ingest.run(stop))
-                if faulty:
-                    await asyncio.to_thread(wait_until, lambda: s.scalar("SELECT count(*) FROM readings") == n, 90,
-                                            f"{n} readings")
-                else:
-                    await asyncio.sleep(1)  # subscribed: the session holds the subscription
-                stop.set()
-                await asyncio.wait_for(runner, 30)
-            return faults.lost, faults.builds, faults.calls
-
-    asyncio.run(run(False))  # the persistent session and its subscription
-    base = int(time.time() * 1000) - 60_000
-    dev = Device(s.mq.port, creds)
-    try:
-        assert dev.connect().value == 0
-        for i in range(n):  # a backlog: every batch of the drain has one after it
-            dev.publish_wait("telemetry", _stamped(i, base))
-    finally:
-        dev.close()
-    lost, builds, _calls = asyncio.run(run(True, fail=3))
-    rows = s.query("SELECT value FROM readings WHERE metric = 'seq' ORDER BY time")
-    assert [r["value"] for r in rows] == list(range(n))
-    batches = n // 40
+    faults, _metrics = drain_backlog_in_process(own_stack, unique, "lms-bridge-review1", 800, fail=3)  # 20 batches
     # One failure: the batch after it rolls back once (maybe the one after that too).
-    assert lost <= 3, (f"{lost} TurnLost rollbacks for one failed commit ({batches} batches, "
-                       f"{builds} decodes of a batch)")
+    assert faults.lost <= 3, (f"{faults.lost} TurnLost rollbacks for one failed commit (20 batches, "
+                              f"{faults.builds} decodes of a batch)")
 
 
 def test_a_subscribe_refused_for_want_of_a_connection_leaves_no_pending_request() -> None:
