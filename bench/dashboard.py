@@ -130,9 +130,6 @@ def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
     out = []
     for i in range(n):
         tab = context.new_page()
-        # Headless Chromium now and then opens a new tab hidden: no animation frames, so no
-        # chart is drawn (a person's hidden tab draws when shown). In front, as a person's.
-        tab.bring_to_front()
         tab.goto(f"{url}/#/o/{ORG}/devices/{MAIN}")
         expect(tab.locator("article.device-page")).to_have_attribute("data-charts-ready", "true",
                                                                        timeout=PAGE_TIMEOUT_MS)
