@@ -53,7 +53,7 @@ from typing import Any
 
 import asyncpg
 import httpx
-from playwright.sync_api import Browser, ViewportSize, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, ViewportSize, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
 from bench.api_queries import MAIN, METRICS, ORG, PASSWORD, Bench, machine_info
@@ -116,8 +116,8 @@ MARKS = r"""() => {
 }"""
 
 
-def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
-    """Open the device page ``n`` times in a fresh tab of one signed-in context."""
+def signed_in(browser: Browser, url: str) -> tuple[BrowserContext, Page]:
+    """A new browser context signed in through the page's own form, and its page."""
     # bypass_csp: the page's CSP forbids eval, which the harness's wait_for_function uses.
     context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
     page = context.new_page()
@@ -126,6 +126,12 @@ def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#sign-out")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    return context, page
+
+
+def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
+    """Open the device page ``n`` times in a fresh tab of one signed-in context."""
+    context, page = signed_in(browser, url)
     page.close()
     out = []
     for i in range(n):
@@ -151,14 +157,7 @@ def first_loads(browser: Browser, url: str, n: int) -> list[dict[str, float]]:
 
 def live(browser: Browser, url: str, creds: DeviceCredentials, port: int, seconds: float,
          rate: float) -> dict[str, Any]:
-    # bypass_csp: the page's CSP forbids eval, which the harness's wait_for_function uses.
-    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
-    page = context.new_page()
-    page.goto(url + "/")
-    page.get_by_label("Email").fill(EMAIL)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#sign-out")).to_be_visible(timeout=PAGE_TIMEOUT_MS)
+    context, page = signed_in(browser, url)
     page.goto(f"{url}/#/o/{ORG}/devices/{MAIN}")
     article = page.locator("article.device-page")
     expect(article).to_have_attribute("data-charts-ready", "true", timeout=PAGE_TIMEOUT_MS)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import struct
 import threading
@@ -33,6 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from lms_core.errors import BrokerError, BrokerUnavailable, DeliveryUnknown
+from lms_core.mqtt_fast import SessionLifecycle
 from lms_core.settings import MqttUrl
 
 log = logging.getLogger("lms.mqtt")
@@ -42,7 +42,7 @@ MessageHandler = Callable[[paho.MQTTMessage], None]
 _puback = struct.Struct(">BBH").pack  # PUBACK: type 0x40, remaining length 2, packet id
 
 
-class AsyncMqttClient:
+class AsyncMqttClient(SessionLifecycle):
     """An MQTT connection whose I/O runs on the asyncio loop. Use ``async with``."""
 
     def __init__(
@@ -113,35 +113,13 @@ class AsyncMqttClient:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    async def __aenter__(self) -> AsyncMqttClient:
-        # Single-use, like httpx's clients: a failed __aenter__ closes the client, and a
-        # closed one would connect again but never reconnect (it is closing for good).
-        # Whoever retries makes a new client.
-        if self._entered:
-            raise RuntimeError(f"{self.name}: an AsyncMqttClient is single-use; make a new one to connect again")
-        self._entered = True
+    # -- lifecycle (the rest is SessionLifecycle's) ----------------------------------------
+
+    def _bind_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        try:
-            await self._connect_once()
-        except BaseException:
-            await self.close()
-            raise
-        self._tasks.append(asyncio.create_task(self._misc_loop(), name=f"{self.name} keepalive"))
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Disconnect cleanly (no Last Will) and stop reconnecting."""
-        self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+    async def _disconnect(self) -> None:
         if self.connected:
             waiter = self._new_waiter()
             self.client.disconnect()
@@ -200,23 +178,12 @@ class AsyncMqttClient:
         self._connect_waiter = self._loop.create_future()
         return self._connect_waiter
 
-    async def _misc_loop(self) -> None:
+    async def _keepalive_loop(self) -> None:
         # paho's keepalive pings and its detection of a dead peer live in loop_misc.
         while True:
             await asyncio.sleep(1)
             if self._sock is not None:
                 self.client.loop_misc()
-
-    async def _reconnect_loop(self) -> None:
-        delay = 0.2
-        while not self._closing:
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            try:
-                await self._connect_once()
-                return
-            except BrokerError as exc:
-                log.warning("%s: reconnect failed: %s", self.name, exc)
-                delay = min(delay * 2, 10.0)
 
     # -- operations --------------------------------------------------------------
 
@@ -439,9 +406,7 @@ class AsyncMqttClient:
         self._fail_pending(BrokerUnavailable("connection lost"))
         if self.on_disconnect_cb is not None:
             self.on_disconnect_cb()
-        if self.reconnect_enabled and not self._closing:
-            self._tasks.append(asyncio.create_task(self._reconnect_loop(), name=f"{self.name} reconnect"))
-            self._tasks = [t for t in self._tasks if not t.done()]
+        self._start_reconnect()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self.on_message is not None:

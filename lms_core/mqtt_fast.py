@@ -37,7 +37,7 @@ import random
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from lms_core.errors import BrokerError, BrokerUnavailable, DeliveryUnknown
 from lms_core.settings import MqttUrl
@@ -274,7 +274,80 @@ class _Wire(asyncio.Protocol):
         self.session._lost(self, exc)
 
 
-class FastMqttClient:
+class SessionLifecycle:
+    """What both MQTT clients (this one and lms_core/mqtt.py's paho one) do the same way:
+    single use (a failed ``__aenter__`` closes the client; whoever retries makes a new one),
+    one keep-alive task while connected, a reconnect loop with jittered backoff after a lost
+    connection, and ``close`` cancelling every task before the client's own disconnect.
+
+    A subclass sets ``name``, ``reconnect_enabled``, ``_tasks``, ``_closing`` and
+    ``_entered`` in its ``__init__`` and provides ``_connect_once``, ``_keepalive_loop`` and
+    ``_disconnect``."""
+
+    name: str
+    reconnect_enabled: bool
+    _tasks: list[asyncio.Task[None]]
+    _closing: bool
+    _entered: bool
+
+    async def _connect_once(self) -> None:
+        raise NotImplementedError
+
+    async def _keepalive_loop(self) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
+
+    def _bind_loop(self) -> None:
+        """Called once on entering, in the event loop (for what must know it)."""
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise RuntimeError(f"{self.name}: a {type(self).__name__} is single-use; make a new one to connect again")
+        self._entered = True
+        self._bind_loop()
+        try:
+            await self._connect_once()
+        except BaseException:
+            await self.close()
+            raise
+        self._tasks.append(asyncio.create_task(self._keepalive_loop(), name=f"{self.name} keepalive"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no Last Will) and stop reconnecting."""
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._disconnect()
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            try:
+                await self._connect_once()
+                return
+            except BrokerError as exc:
+                log.warning("%s: reconnect failed: %s", self.name, exc)
+                delay = min(delay * 2, 10.0)
+
+    def _start_reconnect(self) -> None:
+        """After a lost connection: reconnect in a task (unless closing or not wanted)."""
+        if self.reconnect_enabled and not self._closing:
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(asyncio.create_task(self._reconnect_loop(), name=f"{self.name} reconnect"))
+
+
+class FastMqttClient(SessionLifecycle):
     """An MQTT 3.1.1 connection owned by the event loop. Single-use: ``async with``."""
 
     def __init__(
@@ -315,32 +388,10 @@ class FastMqttClient:
         self._entered = False
         self._last_read = 0.0
 
-    # -- lifecycle -------------------------------------------------------------------
+    # -- lifecycle (the rest is SessionLifecycle's) ----------------------------------------
 
-    async def __aenter__(self) -> FastMqttClient:
-        if self._entered:
-            raise RuntimeError(f"{self.name}: a FastMqttClient is single-use; make a new one to connect again")
-        self._entered = True
-        try:
-            await self._connect_once()
-        except BaseException:
-            await self.close()
-            raise
-        self._tasks.append(asyncio.create_task(self._keepalive_loop(), name=f"{self.name} keepalive"))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Disconnect cleanly (DISCONNECT: no Last Will) and stop reconnecting."""
-        self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+    async def _disconnect(self) -> None:
+        """DISCONNECT (so no Last Will), then close the socket."""
         wire = self._wire
         if wire is not None and wire.transport is not None:
             if self.connected:
@@ -378,17 +429,6 @@ class FastMqttClient:
             self._connack = None
         log.log(logging.INFO if self.reconnect_enabled else logging.DEBUG, "%s: connected to %s (session present: %s)",
                 self.name, self.url.public(), session_present)
-
-    async def _reconnect_loop(self) -> None:
-        delay = 0.2
-        while not self._closing:
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            try:
-                await self._connect_once()
-                return
-            except BrokerError as exc:
-                log.warning("%s: reconnect failed: %s", self.name, exc)
-                delay = min(delay * 2, 10.0)
 
     async def _keepalive_loop(self) -> None:
         """PINGREQ every keepalive/2 s; a connection that read nothing for 1.5 keepalives is
@@ -598,6 +638,4 @@ class FastMqttClient:
         self._fail_pending(BrokerUnavailable("connection lost"))
         if self.on_disconnect_cb is not None:
             self.on_disconnect_cb()
-        if self.reconnect_enabled and not self._closing:
-            self._tasks = [t for t in self._tasks if not t.done()]
-            self._tasks.append(asyncio.create_task(self._reconnect_loop(), name=f"{self.name} reconnect"))
+        self._start_reconnect()
